@@ -1,0 +1,63 @@
+"""The one backend-specific piece: a compiled value-and-gradient of the objective.
+
+Everything else is written in keras.ops and runs on any Keras backend; taking a gradient with
+respect to an input is not part of keras.ops, so each backend gets its few lines here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import keras
+import numpy as np
+
+# (pixels (H, W, 3) float32) -> (total, {term: value}, gradient (H, W, 3) float32)
+ValueAndGrad = Callable[[np.ndarray], tuple[float, dict, np.ndarray]]
+
+
+def value_and_grad(objective, variables) -> ValueAndGrad:
+    """Compile `objective(x) -> (total, terms)` for the active Keras backend.
+
+    `variables` are the Keras variables the objective reads (the network's weights); the JAX
+    version passes them as arguments so that they are not baked into the compiled program.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return _tensorflow(objective)
+    if backend == "jax":
+        return _jax(objective, variables)
+    raise RuntimeError(f"Keras backend '{backend}' is not supported: use tensorflow or jax")
+
+
+def _to_host(total, terms, grad):
+    return float(total), {k: float(v) for k, v in terms.items()}, np.asarray(grad)
+
+
+def _tensorflow(objective) -> ValueAndGrad:
+    import tensorflow as tf
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            total, terms = objective(x)
+        return total, terms, tape.gradient(total, x)
+
+    return lambda x: _to_host(*step(tf.constant(x)))
+
+
+def _jax(objective, variables) -> ValueAndGrad:
+    import jax
+
+    def pure(x, values):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            return objective(x)
+
+    step = jax.jit(jax.value_and_grad(pure, has_aux=True))
+    values = [v.value for v in variables]
+
+    def call(x):
+        (total, terms), grad = step(x, values)
+        return _to_host(total, terms, grad)
+
+    return call

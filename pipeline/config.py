@@ -1,0 +1,527 @@
+"""A run's configuration: the typed schema (the one source of defaults), YAML loading with
+`base:` inheritance and `--set` overrides, validation, path resolution, hashing and expansion
+of globs and sweeps into single runs.
+
+Every mistake a user can make in a config is caught here, before any work starts, and raised
+as one ConfigError line that names the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import glob as globlib
+import hashlib
+import importlib.util
+import itertools
+import json
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+# VGG19's convolutions per block, and their layer names as Keras spells them.
+VGG19_BLOCK_CONVS = (2, 2, 4, 4, 4)
+VGG19_CONV_LAYERS = tuple(
+    f"block{block}_conv{i}"
+    for block, convs in enumerate(VGG19_BLOCK_CONVS, start=1)
+    for i in range(1, convs + 1)
+)
+INIT_KINDS = ("content", "noise", "style")
+WEIGHT_KINDS = ("imagenet", "random")
+POOLINGS = ("avg", "max")
+MAX_SIZE = 8192
+
+
+class ConfigError(ValueError):
+    """A mistake in a config or on the command line: one line naming the file and key."""
+
+
+# --------------------------------------------------------------------------- the schema
+
+
+@dataclass
+class ModelConfig:
+    weights: str = "imagenet"  # imagenet | random | a path to a weights file
+    pooling: str = "avg"  # the paper replaces VGG's max pooling by average pooling
+    content_layers: list[str] = field(default_factory=lambda: ["block4_conv2"])
+    style_layers: list[str] = field(
+        default_factory=lambda: [f"block{b}_conv1" for b in range(1, 6)]
+    )
+    content_layer_weights: list[float] | None = None  # None: equal weights
+    style_layer_weights: list[float] | None = None
+
+
+@dataclass
+class LossConfig:
+    # The objective uses means, not the paper's sums, so these weights carry across image
+    # sizes. The defaults are the keras.io VGG19 example's working weights converted to
+    # this objective: style_weight / content_weight sets how painterly the result is.
+    content_weight: float = 1.0
+    style_weight: float = 1e-2
+    tv_weight: float = 1e-1
+
+
+@dataclass
+class OptimizerConfig:
+    iterations: int = 500  # L-BFGS-B iterations (each takes one or more evaluations)
+    history: int = 10  # L-BFGS memory: corrections kept (scipy's m)
+
+
+@dataclass
+class Config:
+    name: str = "stylize"
+    output_dir: str = "outputs"
+    content: str = ""
+    style: list[str] = field(default_factory=list)
+    style_blend: list[float] | None = None  # one weight per style image; None: equal
+    size: int = 512  # long side of the generated image, in pixels
+    init: str = "content"  # content | noise | style | an image path
+    seed: int = 0
+    background: list[int] = field(default_factory=lambda: [255, 255, 255])
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint_every: int = 50  # iterations between checkpoints; 0 turns them off
+    log_every: int = 25  # iterations between log lines when the output is not a terminal
+    sweep: dict[str, list] = field(default_factory=dict)
+
+
+# Keys whose values are file paths: relative ones are resolved against the file that set them.
+PATH_KEYS = ("content", "style", "init", "model.weights", "output_dir")
+# Keys that change how a run is watched or stored, not the pixels it makes: left out of the hash.
+UNHASHED_KEYS = ("name", "output_dir", "checkpoint_every", "log_every", "sweep")
+
+
+def dotted_keys(cls=Config, prefix="") -> dict[str, type]:
+    """Every leaf key of the schema, dotted ('loss.style_weight'), with its type."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            out.update(dotted_keys(hint, prefix + f.name + "."))
+        else:
+            out[prefix + f.name] = hint
+    return out
+
+
+# --------------------------------------------------------------------------- YAML reading
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys and reads 1e4 as a number.
+
+    PyYAML silently keeps the last of two equal keys, and its YAML 1.1 float pattern needs a
+    dot, so `style_weight: 1e4` would arrive as the string '1e4'.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key '{key}'")
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_yaml(text: str, source: str):
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{source}{where}: invalid YAML: {problem}") from None
+
+
+def _read_file(path: Path, chain: tuple[Path, ...]) -> dict:
+    """One file's mapping with `base:` merged in and its paths made absolute."""
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in chain + (path,))
+        raise ConfigError(f"{path}: base: inheritance cycle ({cycle})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config file ({e})") from None
+    raw = parse_yaml(text, str(path))
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys to values")
+    _resolve_paths(raw, path.parent, str(path))
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: must be the path of another config file")
+    parent = _read_file(Path(_expand_path(base, path.parent)), chain + (path,))
+    return _deep_merge(parent, raw)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "sweep":
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def _expand_path(value: str, relative_to: Path) -> str:
+    """`~` expanded; `pkg:NAME/rel/path` is a file shipped inside an installed package;
+    anything else relative is taken against `relative_to`."""
+    if value.startswith("pkg:"):
+        package, _, rest = value[4:].partition("/")
+        spec = importlib.util.find_spec(package) if package else None
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(f"{value}: package '{package}' is not installed")
+        return str(Path(next(iter(spec.submodule_search_locations))) / rest)
+    path = Path(os.path.expanduser(value))
+    return str(path if path.is_absolute() else (relative_to / path).resolve())
+
+
+def _is_path_value(key: str, value) -> bool:
+    keywords = {"init": INIT_KINDS, "model.weights": WEIGHT_KINDS}.get(key, ())
+    return isinstance(value, str) and value not in keywords
+
+
+def _resolve_paths(raw: dict, relative_to: Path, source: str) -> None:
+    """Make the path values of one file's mapping absolute, in place (sweep values too)."""
+
+    def fix(key, value):
+        if isinstance(value, list):
+            return [fix(key, v) for v in value]
+        return _expand_path(value, relative_to) if _is_path_value(key, value) else value
+
+    for key in PATH_KEYS:
+        head, _, leaf = key.rpartition(".")
+        holder = raw.get(head) if head else raw
+        if isinstance(holder, dict) and leaf in holder:
+            holder[leaf] = fix(key, holder[leaf])
+    sweep = raw.get("sweep")
+    if isinstance(sweep, dict):
+        for key, values in sweep.items():
+            if key in PATH_KEYS and isinstance(values, list):
+                sweep[key] = [fix(key, v) for v in values]
+
+
+def _is_glob(path: str) -> bool:
+    return any(ch in path for ch in "*?[")
+
+
+def expand_glob(pattern: str, key: str) -> list[str]:
+    """A path, or every file a glob matches (sorted); an error names the key if none."""
+    if not _is_glob(pattern):
+        return [pattern]
+    matches = sorted(p for p in globlib.glob(pattern, recursive=True) if os.path.isfile(p))
+    if not matches:
+        raise ConfigError(f"{key}: no file matches '{pattern}'")
+    return matches
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """`--set loss.style_weight=1e4`: the value is read as YAML, paths against the cwd."""
+    key, sep, text = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment}: expected KEY=VALUE, e.g. loss.style_weight=1e4")
+    known = dotted_keys()
+    if key not in known and key not in ("base",):
+        raise ConfigError(f"--set {key}: {_unknown(key, known)}")
+    value = parse_yaml(text, f"--set {key}")
+    if key in PATH_KEYS:
+        wrapper: dict = {}
+        _set_dotted(wrapper, key, value)
+        _resolve_paths(wrapper, Path.cwd(), "--set")
+        value = _get_dotted(wrapper, key)
+    _set_dotted(raw, key, value)
+
+
+def _set_dotted(raw: dict, key: str, value) -> None:
+    *heads, leaf = key.split(".")
+    for head in heads:
+        child = raw.get(head)
+        if not isinstance(child, dict):
+            child = raw[head] = {}
+        raw = child
+    raw[leaf] = value
+
+
+def _get_dotted(raw: dict, key: str):
+    for part in key.split("."):
+        raw = raw[part]
+    return raw
+
+
+def _unknown(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    if not close:  # a typo in the leaf alone: compare against leaves
+        leaf = key.rpartition(".")[2]
+        by_leaf = {k.rpartition(".")[2]: k for k in known}
+        close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1)]
+    return "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _coerce(value, hint, key: str):
+    """`value` as type `hint`, or a ConfigError naming `key`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is list:
+        (item,) = args
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # `style: a.jpg` means a list of one
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {_describe(value)}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {_describe(value)}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {_describe(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a whole number, got {_describe(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {_describe(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: expected a non-empty string, got {_describe(value)}")
+        return value
+    return value
+
+
+def _describe(value) -> str:
+    return "nothing" if value is None else f"{type(value).__name__} {value!r}"
+
+
+def _build(cls, raw: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}: {_unknown(prefix + str(key), dotted_keys())}")
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name}: expected a mapping, got {_describe(value)}")
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, prefix + name)
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict) -> Config:
+    """A validated Config from a merged mapping; raises ConfigError on the first mistake."""
+    cfg = _build(Config, raw, "")
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: Config) -> None:
+    def need(ok: bool, key: str, message: str):
+        if not ok:
+            raise ConfigError(f"{key}: {message}")
+
+    need(bool(cfg.content), "content", "missing: the path of the content image")
+    need(bool(cfg.style), "style", "missing: the path of at least one style image")
+    need(16 <= cfg.size <= MAX_SIZE, "size", f"must be between 16 and {MAX_SIZE} pixels")
+    need(cfg.optimizer.iterations >= 1, "optimizer.iterations", "must be at least 1")
+    need(cfg.optimizer.history >= 1, "optimizer.history", "must be at least 1")
+    need(cfg.checkpoint_every >= 0, "checkpoint_every", "must be 0 (off) or more")
+    need(cfg.log_every >= 1, "log_every", "must be at least 1")
+    need(cfg.model.pooling in POOLINGS, "model.pooling", f"must be one of {', '.join(POOLINGS)}")
+    need(
+        len(cfg.background) == 3 and all(0 <= c <= 255 for c in cfg.background),
+        "background",
+        "must be three values 0..255 (RGB)",
+    )
+    for term in ("content_weight", "style_weight", "tv_weight"):
+        need(getattr(cfg.loss, term) >= 0, f"loss.{term}", "must not be negative")
+    for group in ("content", "style"):
+        layers = getattr(cfg.model, f"{group}_layers")
+        key = f"model.{group}_layers"
+        need(bool(layers), key, "needs at least one layer")
+        for layer in layers:
+            close = difflib.get_close_matches(layer, VGG19_CONV_LAYERS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            need(layer in VGG19_CONV_LAYERS, key, f"'{layer}' is not a VGG19 conv layer{hint}")
+        _check_weights(getattr(cfg.model, f"{group}_layer_weights"), len(layers),
+                       f"model.{group}_layer_weights", f"{group}_layers")
+    _check_weights(cfg.style_blend, len(cfg.style), "style_blend", "style images")
+    for key, paths in (("content", [cfg.content]), ("style", cfg.style)):
+        for p in paths:
+            need(_is_glob(p) or os.path.isfile(p), key, f"file not found: {p}")
+    if cfg.init not in INIT_KINDS:
+        need(os.path.isfile(cfg.init), "init", f"'{cfg.init}' is neither one of "
+             f"{', '.join(INIT_KINDS)} nor an existing image file")
+    if cfg.model.weights not in WEIGHT_KINDS:
+        need(os.path.isfile(cfg.model.weights), "model.weights", f"'{cfg.model.weights}' is "
+             f"neither one of {', '.join(WEIGHT_KINDS)} nor an existing weights file")
+    known = dotted_keys()
+    for key, values in cfg.sweep.items():
+        need(key in known and key != "sweep", f"sweep.{key}", _unknown(key, known))
+        need(isinstance(values, list) and len(values) > 0, f"sweep.{key}",
+             "must be a non-empty list of values")
+
+
+def _check_weights(weights, count: int, key: str, what: str) -> None:
+    if weights is None:
+        return
+    if len(weights) != count:
+        raise ConfigError(f"{key}: has {len(weights)} values for {count} {what}")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"{key}: must be non-negative with a positive sum")
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def load_raw(path, overrides=()) -> dict:
+    """The merged mapping of a config file, its bases and `--set` overrides (not validated)."""
+    raw = _read_file(Path(os.path.expanduser(str(path))).resolve(), ())
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return raw
+
+
+def load(path, overrides=()) -> Config:
+    """A validated Config (globs and sweep not yet expanded)."""
+    raw = load_raw(path, overrides)  # its errors already name their file or --set
+    try:
+        return from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def expand(cfg: Config) -> list[tuple[dict, Config]]:
+    """The single runs a config describes, in a stable order, each with the values that
+    distinguish it: the cartesian product of the sweep (keys sorted, so their order in the
+    file does not matter), then each content match with each style match. A `style` given as
+    one glob string makes one run per painting; a list of styles is blended in one run.
+    """
+    base = to_dict(cfg)
+    base["sweep"] = {}
+    keys = sorted(cfg.sweep)
+    runs = []
+    for values in itertools.product(*(cfg.sweep[k] for k in keys)):
+        raw = json.loads(json.dumps(base))
+        for key, value in zip(keys, values):
+            _set_dotted(raw, key, value)
+        swept = dict(zip(keys, values))
+        contents = expand_glob(raw["content"], "content")
+        styles = raw["style"] if isinstance(raw["style"], list) else [raw["style"]]
+        if len(styles) == 1 and len(expand_glob(styles[0], "style")) > 1:
+            style_sets = [[s] for s in expand_glob(styles[0], "style")]
+        else:
+            style_sets = [[m for s in styles for m in expand_glob(s, "style")]]
+        for content, style in itertools.product(contents, style_sets):
+            one = dict(raw, content=content, style=style)
+            label = dict(swept)
+            if len(contents) > 1:
+                label["content"] = Path(content).stem
+            if len(style_sets) > 1:
+                label["style"] = Path(style[0]).stem
+            runs.append((label, from_dict(one)))
+    return runs
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(data: dict) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def config_hash(cfg: Config) -> str:
+    """A short hash of everything that decides the result's pixels.
+
+    Input files count by their bytes, not their paths, so a run keeps its id when the folder
+    moves to another machine, and gets a new one when an image is edited in place.
+    """
+    data = to_dict(cfg)
+    for key in UNHASHED_KEYS:
+        data.pop(key)
+    data["content"] = _file_digest(cfg.content)
+    data["style"] = [_file_digest(s) for s in cfg.style]
+    if cfg.init not in INIT_KINDS:
+        data["init"] = _file_digest(cfg.init)
+    if cfg.model.weights not in WEIGHT_KINDS:
+        weights = Path(cfg.model.weights)
+        data["model"]["weights"] = f"{weights.name}:{weights.stat().st_size}"
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "run"
+
+
+def run_id(cfg: Config, label: dict | None = None) -> str:
+    """Readable and deterministic: the swept values (or the name) plus the config hash."""
+    if label:
+        parts = []
+        for key, value in label.items():
+            shown = Path(value).stem if key in PATH_KEYS and isinstance(value, str) else value
+            parts.append(f"{key.rpartition('.')[2]}-{shown}")
+        words = "_".join(parts)
+    else:
+        words = cfg.name
+    return f"{slug(words)}-{config_hash(cfg)}"

@@ -1,0 +1,101 @@
+"""VGG19 as a feature extractor: Keras's architecture and layer names, the pooling of choice,
+and weights from ImageNet, a local file, or a seeded random draw."""
+
+from __future__ import annotations
+
+import os
+
+import keras
+import numpy as np
+
+from pipeline.config import VGG19_BLOCK_CONVS, VGG19_CONV_LAYERS, ModelConfig
+
+# Caffe-style input, as the ImageNet weights were trained: BGR, minus the ImageNet mean.
+IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)
+WEIGHTS_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
+WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/vgg19/" + WEIGHTS_FILE
+WEIGHTS_MD5 = "253f8cb515780f3b799900260a226db6"  # as keras.applications.VGG19 checks it
+_WIDTHS = (64, 128, 256, 512, 512)  # channels of each block
+
+
+class WeightsError(RuntimeError):
+    """The weights cannot be had; the message says what to do."""
+
+
+def preprocess(x):
+    """RGB pixels in 0..255, shape (..., 3), to VGG19's Caffe-style input."""
+    return keras.ops.flip(x, axis=-1) - keras.ops.convert_to_tensor(IMAGENET_MEAN_BGR, x.dtype)
+
+
+def vgg19(pooling: str) -> keras.Model:
+    """The 16 convolutions of VGG19 under Keras's layer names. The paper swaps max pooling
+    for average pooling ("improves the gradient flow"); the weights fit either."""
+    pool = keras.layers.AveragePooling2D if pooling == "avg" else keras.layers.MaxPooling2D
+    x = inputs = keras.Input((None, None, 3), name="input")
+    for block, (convs, width) in enumerate(zip(VGG19_BLOCK_CONVS, _WIDTHS), start=1):
+        for i in range(1, convs + 1):
+            conv = keras.layers.Conv2D(
+                width, 3, padding="same", activation="relu", name=f"block{block}_conv{i}"
+            )
+            x = conv(x)
+        x = pool(2, strides=2, name=f"block{block}_pool")(x)
+    return keras.Model(inputs, x, name="vgg19")
+
+
+def load_weights(model: keras.Model, weights: str, seed: int) -> str:
+    """Fill the model's weights; returns what was loaded, for the run's records."""
+    if weights == "random":
+        # Drawn with numpy, not Keras's initialisers, so every backend gets the same network.
+        # He-normal keeps activations from fading through 16 ReLU layers.
+        rng = np.random.default_rng(seed)
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.Conv2D):
+                kernel, bias = layer.get_weights()
+                fan_in = np.prod(kernel.shape[:3])
+                layer.set_weights([
+                    rng.normal(0, np.sqrt(2 / fan_in), kernel.shape).astype("float32"),
+                    np.zeros_like(bias),
+                ])
+        return f"random (seed {seed})"
+    path = _imagenet_file() if weights == "imagenet" else weights
+    try:
+        model.load_weights(path)
+    except Exception as e:  # h5py and Keras raise many kinds; all mean "not this file"
+        raise WeightsError(
+            f"{path}: cannot load VGG19 weights ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            f"expected Keras's {WEIGHTS_FILE} or a .weights.h5 saved from this VGG19"
+        ) from None
+    return weights if weights == "imagenet" else os.path.abspath(path)
+
+
+def _imagenet_file() -> str:
+    cached = os.path.join(os.path.expanduser(keras.config.keras_home()), "models", WEIGHTS_FILE)
+    help_text = (
+        f"ImageNet VGG19 weights are not in Keras's cache ({cached}). On a machine with "
+        f"network, download {WEIGHTS_URL} and copy it there (or set model.weights to its path); "
+        "`model.weights: random` runs offline, for tests only"
+    )
+    if os.path.isfile(cached):
+        return cached
+    if os.environ.get("PIPELINE_OFFLINE"):
+        raise WeightsError(help_text + " [PIPELINE_OFFLINE is set: no download tried]")
+    try:
+        return keras.utils.get_file(
+            WEIGHTS_FILE, WEIGHTS_URL, cache_subdir="models", file_hash=WEIGHTS_MD5
+        )
+    except Exception as e:  # no network, proxy, disk full, bad hash...
+        raise WeightsError(f"{help_text} [download failed: {str(e).splitlines()[0]}]") from None
+
+
+def feature_extractor(cfg: ModelConfig, seed: int) -> tuple[keras.Model, list[str], str]:
+    """A model from Caffe-style input to the outputs of the layers the losses use.
+
+    The full network holds the weights (so whole weight files load as saved); the extractor
+    takes only the graph up to the deepest layer asked for, so nothing deeper is computed.
+    Returns the extractor, its output layer names in order, and what weights were loaded.
+    """
+    full = vgg19(cfg.pooling)
+    loaded = load_weights(full, cfg.weights, seed)
+    names = [n for n in VGG19_CONV_LAYERS if n in {*cfg.content_layers, *cfg.style_layers}]
+    extractor = keras.Model(full.input, [full.get_layer(n).output for n in names])
+    return extractor, names, loaded

@@ -1,0 +1,150 @@
+"""L-BFGS-B over the pixels, driven by scipy's fmin_l_bfgs_b (as jcjohnson/neural-style's
+`feval`): an Evaluator hands it the loss and flat gradient, and every iteration becomes a
+Step record for whoever is watching. Nothing here knows about files or terminals."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import fmin_l_bfgs_b
+
+from pipeline.autodiff import ValueAndGrad
+
+# Why a run ended: the optimiser's own ends, then ours.
+COMPLETED = "completed"  # the requested iterations ran (scipy warnflag 1)
+CONVERGED = "converged"  # scipy found no further progress (warnflag 0)
+ABNORMAL = "abnormal"  # scipy stopped otherwise, e.g. a failed line search (warnflag 2)
+INTERRUPTED = "interrupted"  # should_stop() said so
+NON_FINITE = "non_finite"  # a NaN or Inf in the loss or gradient
+
+
+@dataclass(frozen=True)
+class Step:
+    """One finished L-BFGS iteration (counts include any earlier, resumed part of the run)."""
+
+    iteration: int
+    evaluations: int
+    seconds: float
+    total: float
+    terms: dict
+    image: np.ndarray = field(repr=False)  # (H, W, 3) float32: the iterate
+
+
+@dataclass
+class Result:
+    image: np.ndarray  # the lowest-loss image evaluated
+    reason: str
+    message: str
+    iterations: int
+    evaluations: int
+    seconds: float
+    initial: dict | None  # total and terms at the first evaluation of this call
+    final: dict | None  # total and terms of `image`
+
+
+class _Halt(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
+class Evaluator:
+    """What fmin_l_bfgs_b calls: float64 flat pixels in, float64 loss and gradient out.
+
+    The network runs in float32; float64 exists only at this boundary, as scipy requires.
+    It remembers the best image so far, so that a stop at any moment still has a result.
+    """
+
+    def __init__(self, vg: ValueAndGrad, shape, should_stop: Callable[[], bool]):
+        self.vg, self.shape, self.should_stop = vg, shape, should_stop
+        self.evaluations = 0
+        self.first: dict | None = None
+        self.last: dict | None = None
+        self.best: dict | None = None
+        self.best_x: np.ndarray | None = None
+
+    def __call__(self, flat: np.ndarray) -> tuple[float, np.ndarray]:
+        if self.should_stop():
+            raise _Halt(INTERRUPTED, "stopped on request")
+        total, terms, grad = self.vg(flat.reshape(self.shape).astype(np.float32))
+        self.evaluations += 1
+        if not (math.isfinite(total) and np.isfinite(grad).all()):
+            # scipy would treat this as an ordinary value and may report success; refuse.
+            what = "loss" if not math.isfinite(total) else "gradient"
+            raise _Halt(NON_FINITE, f"non-finite {what} at evaluation {self.evaluations}")
+        self.last = {"total": total, **terms}
+        if self.first is None:
+            self.first = self.last
+        if self.best is None or total < self.best["total"]:
+            self.best, self.best_x = self.last, flat.copy()  # scipy reuses its x buffer
+        return total, grad.astype(np.float64).ravel()
+
+
+def minimize(
+    vg: ValueAndGrad,
+    x0: np.ndarray,
+    iterations: int,
+    history: int = 10,
+    on_step: Callable[[Step], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    done: tuple[int, int, float] = (0, 0, 0.0),
+) -> Result:
+    """Run L-BFGS-B from x0 (H, W, 3) until `iterations` in all, pixels bounded to 0..255.
+
+    `done` is (iterations, evaluations, seconds) already spent by an earlier part of this
+    run (a resume): they count towards the totals and the budget. The optimiser's memory is
+    not saved in checkpoints, so a resumed run rebuilds it: close to, not bit-equal with, an
+    uninterrupted run.
+    """
+    done_iterations, done_evaluations, done_seconds = done
+    evaluator = Evaluator(vg, x0.shape, should_stop)
+    start = time.perf_counter()
+    iteration = done_iterations
+
+    def callback(xk):
+        nonlocal iteration
+        iteration += 1
+        if on_step is not None:
+            # L-BFGS-B's line search ends on the point it accepts, so the last evaluation
+            # is this iterate's: its terms cost nothing extra.
+            on_step(Step(
+                iteration=iteration,
+                evaluations=done_evaluations + evaluator.evaluations,
+                seconds=done_seconds + time.perf_counter() - start,
+                total=evaluator.last["total"],
+                terms={k: v for k, v in evaluator.last.items() if k != "total"},
+                image=xk.reshape(x0.shape).astype(np.float32),
+            ))
+
+    remaining = iterations - done_iterations
+    try:
+        _, _, info = fmin_l_bfgs_b(
+            evaluator,
+            x0.astype(np.float64).ravel(),
+            bounds=[(0.0, 255.0)] * x0.size,  # bounds, not clipping: the optimiser knows them
+            m=history,
+            maxiter=remaining,
+            maxfun=max(15000, 50 * remaining),  # let iterations, not evaluations, end the run
+            callback=callback,
+        )
+        # Branch on warnflag, never on scipy's message text.
+        reason = {0: CONVERGED, 1: COMPLETED}.get(info["warnflag"], ABNORMAL)
+        message = str(info.get("task", ""))
+    except _Halt as halt:
+        reason, message = halt.reason, halt.message
+    best = evaluator.best_x
+    image = x0.astype(np.float32) if best is None else best.reshape(x0.shape).astype(np.float32)
+    return Result(
+        image=image,
+        reason=reason,
+        message=message,
+        iterations=iteration,
+        evaluations=done_evaluations + evaluator.evaluations,
+        seconds=done_seconds + time.perf_counter() - start,
+        initial=evaluator.first,
+        final=evaluator.best,
+    )
