@@ -29,6 +29,30 @@ def value_and_grad(objective, variables) -> ValueAndGrad:
     raise RuntimeError(f"Keras backend '{backend}' is not supported: use tensorflow or jax")
 
 
+def environment() -> dict:
+    """Versions and device, recorded with every run: numbers are only comparable within one."""
+    import importlib.metadata
+    import platform
+
+    versions = {"python": platform.python_version()}
+    for package in ("keras", "tensorflow", "jax", "scipy", "numpy"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        device = f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}"
+    else:
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        device = f"gpu: {gpus[0].name}" if gpus else "cpu"
+    return {**versions, "backend": backend, "device": device}
+
+
 def _to_host(total, terms, grad):
     return float(total), {k: float(v) for k, v in terms.items()}, np.asarray(grad)
 

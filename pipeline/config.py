@@ -168,6 +168,7 @@ def _read_file(path: Path, chain: tuple[Path, ...]) -> dict:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config must be a mapping of keys to values")
+    raw.pop("provenance", None)  # written into a run's config.yaml by the tool; not a setting
     _resolve_paths(raw, path.parent, str(path))
     base = raw.pop("base", None)
     if base is None:

@@ -1,0 +1,47 @@
+# The user's entry points. `make` lists them. `make demo` and `make test` set everything up.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CONFIG ?=
+EXP    ?=
+ARGS   ?=
+# `make demo WEIGHTS=random` runs offline. Random weights make no art, so that run is also
+# small and short: a check that everything works, in about a minute on a laptop CPU.
+WEIGHTS ?=
+DEMO_ARGS := $(if $(WEIGHTS),--set model.weights=$(WEIGHTS))
+ifeq ($(WEIGHTS),random)
+DEMO_ARGS += --set size=128 --set optimizer.iterations=60 --set checkpoint_every=20
+endif
+
+.DEFAULT_GOAL := help
+.PHONY: help setup test demo run bench lint clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@touch $@
+
+setup: $(STAMP) ## create .venv and install everything (does nothing when up to date)
+
+test: $(STAMP) ## run the test suite (no network, no GPU needed)
+	$(PY) -m pytest $(ARGS)
+
+demo: $(STAMP) ## stylise the demo images into outputs/demo/ (WEIGHTS=random: offline check)
+	$(PY) -m pipeline run configs/demo.yaml $(DEMO_ARGS) $(ARGS)
+
+run: $(STAMP) ## run a config: make run CONFIG=configs/x.yaml [ARGS="--set size=256"]
+	@test -n "$(CONFIG)" || { echo "usage: make run CONFIG=path/to/config.yaml"; exit 2; }
+	$(PY) -m pipeline run $(CONFIG) $(ARGS)
+
+bench: $(STAMP) ## speed: this pipeline against the seed recipe, per evaluation, 128 px CPU
+	$(PY) benchmarks/bench_eval.py $(ARGS)
+
+lint: $(STAMP) ## ruff over the code
+	$(PY) -m ruff check pipeline tests benchmarks scripts
+
+clean: ## remove the virtualenv and caches (outputs/ is kept)
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
