@@ -80,12 +80,12 @@ def run_one(
             on_step(step)
 
     try:
-        content = images.load_image(cfg.content, tuple(cfg.background))
-        styles = [images.load_image(p, tuple(cfg.background)) for p in cfg.style]
-        init = images.load_image(cfg.init, tuple(cfg.background)) if _is_file(cfg.init) else None
         folder.start(config.to_dict(cfg), {"run_id": job.run_id, "config_hash": digest,
                                            **autodiff.environment()}, done[0])
         folder.write_metrics(metrics)
+        content = images.load_image(cfg.content, tuple(cfg.background))
+        styles = [images.load_image(p, tuple(cfg.background)) for p in cfg.style]
+        init = images.load_image(cfg.init, tuple(cfg.background)) if _is_file(cfg.init) else None
         result, weights = stylize(cfg, content, styles, init, record, should_stop, resume)
     except Exception as e:  # one run's failure, whatever it is, must not end a batch
         metrics.update(status="failed", error=_one_line(e), traceback=traceback.format_exc())

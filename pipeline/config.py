@@ -131,7 +131,11 @@ def _construct_mapping(loader, node, deep=False):
     seen = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=True)
-        if key in seen:
+        try:
+            duplicate = key in seen
+        except TypeError:  # an unhashable key ([a, b]: 1): SafeLoader's own error says so
+            continue
+        if duplicate:
             raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key '{key}'")
         seen.add(key)
     return yaml.SafeLoader.construct_mapping(loader, node, deep)
@@ -175,7 +179,11 @@ def _read_file(path: Path, chain: tuple[Path, ...]) -> dict:
         return raw
     if not isinstance(base, str):
         raise ConfigError(f"{path}: base: must be the path of another config file")
-    parent = _read_file(Path(_expand_path(base, path.parent)), chain + (path,))
+    try:
+        base_path = _expand_path(base, path.parent)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: base: {e}") from None
+    parent = _read_file(Path(base_path), chain + (path,))
     return _deep_merge(parent, raw)
 
 
@@ -197,7 +205,10 @@ def _expand_path(value: str, relative_to: Path) -> str:
     anything else relative is taken against `relative_to`."""
     if value.startswith("pkg:"):
         package, _, rest = value[4:].partition("/")
-        spec = importlib.util.find_spec(package) if package else None
+        try:
+            spec = importlib.util.find_spec(package) if package else None
+        except (ImportError, ValueError):  # 'a.b' with no package 'a', or a malformed name
+            spec = None
         if spec is None or not spec.submodule_search_locations:
             raise ConfigError(f"{value}: package '{package}' is not installed")
         return str(Path(next(iter(spec.submodule_search_locations))) / rest)
@@ -216,7 +227,12 @@ def _resolve_paths(raw: dict, relative_to: Path, source: str) -> None:
     def fix(key, value):
         if isinstance(value, list):
             return [fix(key, v) for v in value]
-        return _expand_path(value, relative_to) if _is_path_value(key, value) else value
+        if not _is_path_value(key, value):
+            return value
+        try:
+            return _expand_path(value, relative_to)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {key}: {e}") from None
 
     for key in PATH_KEYS:
         head, _, leaf = key.rpartition(".")
@@ -254,7 +270,7 @@ def apply_override(raw: dict, assignment: str) -> None:
     if not sep or not key:
         raise ConfigError(f"--set {assignment}: expected KEY=VALUE, e.g. loss.style_weight=1e4")
     known = dotted_keys()
-    if key not in known and key not in ("base",):
+    if key not in known:
         raise ConfigError(f"--set {key}: {_unknown(key, known)}")
     value = parse_yaml(text, f"--set {key}")
     if key in PATH_KEYS:
@@ -400,7 +416,10 @@ def _check(cfg: Config) -> None:
     _check_weights(cfg.style_blend, len(cfg.style), "style_blend", "style images")
     for key, paths in (("content", [cfg.content]), ("style", cfg.style)):
         for p in paths:
-            need(_is_glob(p) or os.path.isfile(p), key, f"file not found: {p}")
+            if _is_glob(p):
+                expand_glob(p, key)  # a glob must match something: an error names the key
+            else:
+                need(os.path.isfile(p), key, f"file not found: {p}")
     if cfg.init not in INIT_KINDS:
         need(os.path.isfile(cfg.init), "init", f"'{cfg.init}' is neither one of "
              f"{', '.join(INIT_KINDS)} nor an existing image file")
@@ -438,9 +457,13 @@ def load(path, overrides=()) -> Config:
     """A validated Config (globs and sweep not yet expanded)."""
     raw = load_raw(path, overrides)  # its errors already name their file or --set
     try:
-        return from_dict(raw)
+        cfg = from_dict(raw)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    # A relative output_dir left at its default was set by no file: it means the working
+    # directory's. Absolute, a run's saved config.yaml points back at the same folder.
+    cfg.output_dir = os.path.abspath(cfg.output_dir)
+    return cfg
 
 
 def expand(cfg: Config) -> list[tuple[dict, Config]]:

@@ -4,6 +4,7 @@ and weights from ImageNet, a local file, or a seeded random draw."""
 from __future__ import annotations
 
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -59,7 +60,11 @@ def load_weights(model: keras.Model, weights: str, seed: int) -> str:
         return f"random (seed {seed})"
     path = _imagenet_file() if weights == "imagenet" else weights
     try:
-        model.load_weights(path)
+        # Keras only warns when a .weights.h5 lacks some layers, and leaves those layers as
+        # they were: a half-random network that would quietly ruin a night of runs.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            model.load_weights(path)
     except Exception as e:  # h5py and Keras raise many kinds; all mean "not this file"
         raise WeightsError(
             f"{path}: cannot load VGG19 weights ({type(e).__name__}: {str(e).splitlines()[0]}); "
@@ -69,7 +74,9 @@ def load_weights(model: keras.Model, weights: str, seed: int) -> str:
 
 
 def _imagenet_file() -> str:
-    cached = os.path.join(os.path.expanduser(keras.config.keras_home()), "models", WEIGHTS_FILE)
+    # Where keras.utils.get_file caches it (Keras reads KERAS_HOME, else ~/.keras).
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    cached = os.path.join(home, "models", WEIGHTS_FILE)
     help_text = (
         f"ImageNet VGG19 weights are not in Keras's cache ({cached}). On a machine with "
         f"network, download {WEIGHTS_URL} and copy it there (or set model.weights to its path); "

@@ -1,0 +1,49 @@
+"""Shared test set-up: no test may reach the network, so ImageNet weights are never fetched
+(PIPELINE_OFFLINE) and Keras's cache is a private empty folder."""
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["PIPELINE_OFFLINE"] = "1"
+os.environ.setdefault("KERAS_HOME", tempfile.mkdtemp(prefix="keras-home-"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def write_image(path, shape, seed=0):
+    """A smooth, seeded RGB picture (gradients plus a little noise) saved as a real file."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    pixels = np.stack([255 * xx / max(w - 1, 1), 255 * yy / max(h - 1, 1),
+                       128 + 60 * np.sin(xx / 3 + seed)], axis=-1)
+    pixels = np.clip(pixels + rng.normal(0, 10, pixels.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+    return Path(path)
+
+
+@pytest.fixture
+def images_dir(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    write_image(folder / "content.png", (40, 48), seed=1)
+    write_image(folder / "style.png", (32, 32), seed=2)
+    return folder
+
+
+def run_cli(*args, env=None, cwd=None, timeout=600):
+    """`python -m pipeline ARGS` as a user runs it: a real subprocess."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], cwd=cwd or ROOT,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def cli_env(**extra):
+    return {**os.environ, "PYTHONPATH": str(ROOT), **extra}

@@ -1,0 +1,572 @@
+"""Tests for pipeline.config and the config half of pipeline.cli.
+
+Every config and image is made here, in tmp_path. Expected values come from the brief and the
+schema's documented defaults (DESIGN.md, the paper), worked out by hand, never read back from
+the code under test.
+"""
+
+import itertools
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline import config
+from pipeline.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER_STYLE_LAYERS = ["block1_conv1", "block2_conv1", "block3_conv1", "block4_conv1",
+                      "block5_conv1"]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def png(path, color=(200, 30, 30), size=(8, 8)) -> Path:
+    """A small real PNG; a different colour gives different bytes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def write(path, text) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def exp(tmp_path):
+    """A folder with a content and a style image next to where configs are written."""
+    png(tmp_path / "content.png", (10, 120, 200))
+    png(tmp_path / "style.png", (250, 200, 0))
+    return tmp_path
+
+
+def minimal(folder, extra="", name="run.yaml") -> Path:
+    """content + style (relative to the config) plus `extra` YAML lines."""
+    return write(folder / name, "content: content.png\nstyle: style.png\n" + textwrap.dedent(extra))
+
+
+def load_error(path, overrides=()) -> str:
+    with pytest.raises(ConfigError) as info:
+        config.load(path, overrides)
+    message = str(info.value)
+    assert "\n" not in message.strip(), f"not one line: {message!r}"
+    return message
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_minimal_config_takes_the_schema_defaults(exp):
+    cfg = config.load(minimal(exp))
+    assert cfg.size == 512
+    assert cfg.optimizer.iterations == 500
+    assert cfg.optimizer.history == 10
+    assert cfg.model.pooling == "avg"
+    assert cfg.model.weights == "imagenet"
+    assert cfg.model.content_layers == ["block4_conv2"]
+    assert cfg.model.style_layers == PAPER_STYLE_LAYERS
+    assert cfg.model.content_layer_weights is None and cfg.model.style_layer_weights is None
+    assert cfg.init == "content" and cfg.seed == 0
+    assert cfg.style_blend is None and cfg.sweep == {}
+    # Paths come back absolute, a single style as a list of one.
+    assert cfg.content == str((exp / "content.png").resolve())
+    assert cfg.style == [str((exp / "style.png").resolve())]
+
+
+def test_empty_config_file_complains_about_content(tmp_path):
+    message = load_error(write(tmp_path / "run.yaml", "# nothing yet\n"))
+    assert "content" in message and "run.yaml" in message
+
+
+# --------------------------------------------------------------------------- errors
+
+# (extra YAML after the content/style lines, fragments the message must hold besides the file
+# name). Line 1 is content, line 2 style, so `extra` starts at line 3.
+ERRORS = {
+    "unknown-nested": ("loss:\n  style_wieght: 1\n", ["loss.style_wieght", "loss.style_weight"]),
+    "unknown-top": ("sze: 64\n", ["sze", "'size'"]),
+    "int-is-word": ("size: big\n", ["size", "big"]),
+    "int-is-fraction": ("optimizer:\n  iterations: 1.5\n", ["optimizer.iterations"]),
+    "int-is-bool": ("seed: true\n", ["seed"]),
+    "section-not-mapping": ("loss: 5\n", ["loss"]),
+    "too-small": ("size: 3\n", ["size"]),
+    "too-large": ("size: 100000\n", ["size"]),
+    "pooling": ("model:\n  pooling: median\n", ["model.pooling"]),
+    "negative-weight": ("loss:\n  tv_weight: -1\n", ["loss.tv_weight"]),
+    "negative-iters": ("optimizer:\n  iterations: 0\n", ["optimizer.iterations"]),
+    "layer-typo": ("model:\n  style_layers: [block1_conv1, blok2_conv1]\n",
+                   ["model.style_layers", "blok2_conv1", "'block2_conv1'"]),
+    "layer-missing": ("model:\n  content_layers: [block6_conv1]\n",
+                      ["model.content_layers", "block6_conv1"]),
+    "no-layers": ("model:\n  style_layers: []\n", ["model.style_layers"]),
+    "layer-weights-len": ("model:\n  style_layer_weights: [1, 2]\n",
+                          ["model.style_layer_weights"]),
+    "content-weights-len": ("model:\n  content_layer_weights: [1, 1]\n",
+                             ["model.content_layer_weights"]),
+    "blend-len": ("style_blend: [1, 2, 3]\n", ["style_blend"]),
+    "background": ("background: [1, 2]\n", ["background"]),
+    "init-unknown": ("init: nowhere.png\n", ["init", "nowhere.png"]),
+    "weights-unknown": ("model:\n  weights: vgg.h5\n", ["model.weights", "vgg.h5"]),
+    "dup-top": ("size: 64\nsize: 128\n", ["duplicate", "'size'", "line 4"]),
+    "dup-nested": ("loss:\n  tv_weight: 1\n  tv_weight: 2\n",
+                   ["duplicate", "'tv_weight'", "line 5"]),
+    "sweep-unknown": ("sweep:\n  loss.style_wieght: [1, 2]\n",
+                      ["sweep.loss.style_wieght", "loss.style_weight"]),
+    "sweep-not-list": ("sweep:\n  size: 64\n", ["sweep.size"]),
+}
+
+
+@pytest.mark.parametrize("extra, fragments", list(ERRORS.values()), ids=list(ERRORS))
+def test_config_mistakes_name_the_file_and_the_key(exp, extra, fragments):
+    message = load_error(minimal(exp, extra))
+    assert "run.yaml" in message
+    # The tmp folder's name is made from the test's id: keep it out of the key checks.
+    bare = message.replace(str(exp), "")
+    for fragment in fragments:
+        assert fragment in bare, f"{fragment!r} not in {message!r}"
+
+
+@pytest.mark.parametrize("text, key, missing", [
+    ("style: style.png\n", "content", None),
+    ("content: content.png\n", "style", None),
+    ("content: absent.png\nstyle: style.png\n", "content", "absent.png"),
+    ("content: content.png\nstyle: [style.png, gone.png]\n", "style", "gone.png"),
+    ("content: shots/*.png\nstyle: style.png\n", "content", "*.png"),  # glob matching nothing
+    ("content: content.png\nstyle: [paintings/*.jpg]\n", "style", "*.jpg"),
+], ids=["no-content", "no-style", "content-file", "style-file", "content-glob", "style-glob"])
+def test_missing_inputs_name_the_file_and_the_key(exp, text, key, missing):
+    message = load_error(write(exp / "run.yaml", text))
+    assert "run.yaml" in message
+    bare = message.replace(str(exp), "")
+    assert re.search(rf"\b{key}\b", bare), message
+    if missing:
+        assert missing in message
+
+
+def test_a_glob_that_matches_nothing_errors_when_expanding_too(exp):
+    # Built past load (as a sweep or a script would): expand must still refuse it.
+    cfg = config.load(minimal(exp))
+    cfg.content = str(exp / "nothing" / "*.png")
+    with pytest.raises(ConfigError, match="content"):
+        config.expand(cfg)
+
+
+@pytest.mark.parametrize("text, line", [
+    ("content: content.png\nstyle: style.png\nsize: 64\n  seed: 1\n", 4),
+    ("content: content.png\nstyle: [style.png\nsize: 64\n", 3),
+])
+def test_invalid_yaml_names_the_file_and_line(exp, text, line):
+    message = load_error(write(exp / "run.yaml", text))
+    assert "run.yaml" in message and "YAML" in message
+    bare = message.replace(str(exp), "")
+    assert re.search(rf"(:|line ){line}\b", bare), message
+
+
+def test_unhashable_key_is_a_config_error_not_a_crash(exp):
+    message = load_error(minimal(exp, "[a, b]: 1\n"))
+    assert "run.yaml" in message
+
+
+def test_a_list_is_not_a_config(tmp_path):
+    message = load_error(write(tmp_path / "run.yaml", "- content: a.png\n- style: b.png\n"))
+    assert "run.yaml" in message and "mapping" in message
+
+
+def test_missing_config_file(tmp_path):
+    message = load_error(tmp_path / "absent.yaml")
+    assert "absent.yaml" in message
+
+
+def test_base_cycle_is_reported(exp):
+    write(exp / "a.yaml", "base: b.yaml\ncontent: content.png\nstyle: style.png\n")
+    write(exp / "b.yaml", "base: a.yaml\nsize: 64\n")
+    message = load_error(exp / "a.yaml")
+    assert "base" in message and "a.yaml" in message and "b.yaml" in message
+
+
+def test_self_base_cycle_and_missing_base(exp):
+    write(exp / "self.yaml", "base: self.yaml\ncontent: content.png\nstyle: style.png\n")
+    assert "self.yaml" in load_error(exp / "self.yaml")
+    write(exp / "orphan.yaml", "base: lost/parent.yaml\ncontent: content.png\nstyle: style.png\n")
+    assert "parent.yaml" in load_error(exp / "orphan.yaml")
+
+
+def test_set_without_equals(exp):
+    message = load_error(minimal(exp), ["size"])
+    assert "--set" in message and "size" in message
+
+
+def test_set_of_an_unknown_key_suggests_the_right_one(exp):
+    message = load_error(minimal(exp), ["loss.style_wieght=1"])
+    assert "loss.style_wieght" in message and "loss.style_weight" in message
+
+
+def test_set_with_a_bad_value_names_the_key(exp):
+    message = load_error(minimal(exp), ["size=huge"])
+    assert "size" in message and "huge" in message
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+@pytest.mark.parametrize("text, number", [("1e4", 1e4), ("1.5e-3", 0.0015), ("-2E+2", -200.0),
+                                          ("1.0e4", 1e4), ("3E2", 300.0)])
+def test_exponent_notation_reads_as_a_float(text, number):
+    value = config.parse_yaml(f"x: {text}\n", "t")["x"]
+    assert isinstance(value, float) and value == number
+
+
+def test_number_resolver_leaves_other_scalars_alone():
+    data = config.parse_yaml("a: 12\nb: 1.5\nc: 1e4x\nd: e4\ne: '1e4'\n", "t")
+    assert data == {"a": 12, "b": 1.5, "c": "1e4x", "d": "e4", "e": "1e4"}
+    assert isinstance(data["a"], int)
+
+
+def test_exponent_floats_in_a_config_file(exp):
+    cfg = config.load(minimal(exp, """
+        loss:
+          style_weight: 1e4
+          content_weight: 1.5e-3
+          tv_weight: "2E-1"
+        size: 1e2
+        seed: -2E+2
+    """))
+    assert cfg.loss.style_weight == 10000.0
+    assert cfg.loss.content_weight == 0.0015
+    assert cfg.loss.tv_weight == 0.2  # a quoted string that spells a number is accepted
+    assert cfg.size == 100 and isinstance(cfg.size, int)
+    assert cfg.seed == -200 and isinstance(cfg.seed, int)
+
+
+def test_exponent_floats_from_set(exp):
+    cfg = config.load(minimal(exp), ["loss.style_weight=1e4", "loss.content_weight=1.5e-3",
+                                     "seed=-2E+2"])
+    assert cfg.loss.style_weight == 10000.0
+    assert cfg.loss.content_weight == 0.0015
+    assert cfg.seed == -200
+
+
+def test_quoted_number_and_plain_int_for_float_keys(exp):
+    quoted = config.load(minimal(exp, 'loss:\n  style_weight: "1e4"\n', name="q.yaml"))
+    plain = config.load(minimal(exp, "loss:\n  style_weight: 10000\n", name="p.yaml"))
+    assert quoted.loss.style_weight == 10000.0 and isinstance(quoted.loss.style_weight, float)
+    assert plain.loss.style_weight == 10000.0 and isinstance(plain.loss.style_weight, float)
+    # The same number however it was written: the same run.
+    assert config.config_hash(quoted) == config.config_hash(plain)
+
+
+# --------------------------------------------------------------------------- inheritance
+
+
+def test_base_inheritance_merges_and_resolves_against_the_base_file(tmp_path):
+    common, child_dir = tmp_path / "common", tmp_path / "experiments" / "today"
+    png(common / "imgs" / "photo.png", (1, 2, 3))
+    png(common / "paint.png", (4, 5, 6))
+    png(child_dir / "mine.png", (7, 8, 9))
+    write(common / "base.yaml", """
+        content: imgs/photo.png
+        style: paint.png
+        size: 64
+        seed: 3
+        loss:
+          style_weight: 5
+          tv_weight: 0.25
+        model:
+          style_layers: [block1_conv1, block2_conv1, block3_conv1]
+          pooling: max
+    """)
+    child = write(child_dir / "child.yaml", """
+        base: ../../common/base.yaml
+        size: 128
+        loss:
+          style_weight: 7
+        model:
+          style_layers: [block5_conv1]
+    """)
+    cfg = config.load(child)
+    assert cfg.size == 128  # child beats parent
+    assert cfg.seed == 3  # parent's scalar kept
+    assert cfg.loss.style_weight == 7.0  # nested mappings merge key by key
+    assert cfg.loss.tv_weight == 0.25
+    assert cfg.loss.content_weight == 1.0  # untouched default
+    assert cfg.model.pooling == "max"
+    assert cfg.model.style_layers == ["block5_conv1"]  # lists replace, not append
+    # Paths written in the base are relative to the base's folder, not the child's.
+    assert cfg.content == str((common / "imgs" / "photo.png").resolve())
+    assert cfg.style == [str((common / "paint.png").resolve())]
+
+    grandchild = write(tmp_path / "gc.yaml", "base: experiments/today/child.yaml\nstyle: "
+                       "experiments/today/mine.png\nseed: 9\n")
+    cfg = config.load(grandchild)
+    assert (cfg.size, cfg.seed, cfg.loss.tv_weight) == (128, 9, 0.25)
+    assert cfg.style == [str((child_dir / "mine.png").resolve())]
+    assert cfg.content == str((common / "imgs" / "photo.png").resolve())
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def test_set_beats_the_file_and_parses_yaml(exp):
+    path = minimal(exp, "size: 64\nloss:\n  tv_weight: 0.5\n")
+    cfg = config.load(path, ["size=96", "model.style_layers=[block1_conv1,block2_conv1]",
+                             "loss.style_weight=3", "size=80"])
+    assert cfg.size == 80  # the last --set of a key wins
+    assert cfg.model.style_layers == ["block1_conv1", "block2_conv1"]
+    assert cfg.loss.style_weight == 3.0
+    assert cfg.loss.tv_weight == 0.5  # the file's sibling key survives a nested --set
+
+
+def test_set_paths_resolve_against_the_working_directory(tmp_path, monkeypatch):
+    cfg_dir, work = tmp_path / "cfg", tmp_path / "work"
+    png(cfg_dir / "content.png")
+    png(cfg_dir / "style.png")
+    png(work / "other.png", (0, 0, 0))
+    png(work / "s1.png", (1, 1, 1))
+    png(work / "s2.png", (2, 2, 2))
+    path = minimal(cfg_dir)
+    monkeypatch.chdir(work)
+    cfg = config.load(path, ["content=other.png", "style=[s1.png, s2.png]"])
+    assert cfg.content == str((work / "other.png").resolve())
+    assert cfg.style == [str((work / "s1.png").resolve()), str((work / "s2.png").resolve())]
+
+
+def test_set_keywords_are_not_paths(exp):
+    cfg = config.load(minimal(exp), ["init=noise", "model.weights=random"])
+    assert cfg.init == "noise" and cfg.model.weights == "random"
+
+
+def test_output_dir_default_is_the_working_directory_and_a_set_one_the_files(tmp_path,
+                                                                            monkeypatch):
+    cfg_dir, work = tmp_path / "cfg", tmp_path / "work"
+    png(cfg_dir / "content.png")
+    png(cfg_dir / "style.png")
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert config.load(minimal(cfg_dir)).output_dir == str(work / "outputs")
+    written = config.load(minimal(cfg_dir, "output_dir: results\n", name="r.yaml"))
+    assert written.output_dir == str((cfg_dir / "results").resolve())
+
+
+# --------------------------------------------------------------------------- ~ and pkg:
+
+
+def test_tilde_expands_to_home(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    png(home / "pics" / "c.png")
+    png(home / "pics" / "s.png", (9, 9, 9))
+    monkeypatch.setenv("HOME", str(home))
+    cfg = config.load(write(tmp_path / "elsewhere" / "run.yaml",
+                            "content: ~/pics/c.png\nstyle: ~/pics/s.png\n"))
+    assert Path(cfg.content) == home / "pics" / "c.png"
+    assert cfg.style == [str(home / "pics" / "s.png")]
+
+
+def test_pkg_path_points_inside_an_installed_package(exp):
+    cfg = config.load(write(exp / "run.yaml", "content: pkg:yaml/__init__.py\nstyle: style.png\n"))
+    assert Path(cfg.content).resolve() == Path(yaml.__file__).resolve()
+
+
+@pytest.mark.parametrize("value", ["pkg:nonexistent_pkg_xyz/a.png",
+                                   "pkg:nonexistent_pkg_xyz.sub/a.png"])
+def test_pkg_path_of_a_missing_package(exp, value):
+    message = load_error(write(exp / "run.yaml", f"content: {value}\nstyle: style.png\n"))
+    assert "nonexistent_pkg_xyz" in message and "run.yaml" in message
+    assert "content" in message.replace(str(exp), "")
+
+
+# --------------------------------------------------------------------------- globs
+
+
+def test_content_glob_makes_one_run_per_image_in_sorted_order(exp):
+    imgs = exp / "imgs"
+    for stem, color in (("b", (0, 0, 90)), ("c", (0, 90, 0)), ("a", (90, 0, 0))):
+        png(imgs / f"{stem}.png", color)
+    (imgs / "notes.txt").write_text("not an image")
+    cfg = config.load(write(exp / "run.yaml", "content: imgs/*.png\nstyle: style.png\n"))
+    runs = config.expand(cfg)
+    assert [one.content for _, one in runs] == [str(imgs.resolve() / f"{s}.png") for s in "abc"]
+    assert [label for label, _ in runs] == [{"content": s} for s in "abc"]
+    ids = [config.run_id(one, label) for label, one in runs]
+    assert len(set(ids)) == 3
+
+
+def test_style_glob_string_makes_one_run_per_painting(exp):
+    png(exp / "paintings" / "monet.png", (1, 100, 1))
+    png(exp / "paintings" / "klimt.png", (100, 1, 1))
+    cfg = config.load(write(exp / "run.yaml", "content: content.png\nstyle: paintings/*.png\n"))
+    runs = config.expand(cfg)
+    folder = (exp / "paintings").resolve()
+    assert [one.style for _, one in runs] == [[str(folder / "klimt.png")],
+                                              [str(folder / "monet.png")]]
+    assert [label for label, _ in runs] == [{"style": "klimt"}, {"style": "monet"}]
+    assert len({config.run_id(one, label) for label, one in runs}) == 2
+
+
+def test_style_list_is_blended_in_one_run(exp):
+    png(exp / "second.png", (3, 3, 3))
+    cfg = config.load(write(exp / "run.yaml", "content: content.png\n"
+                                              "style: [style.png, second.png]\n"
+                                              "style_blend: [3, 1]\n"))
+    runs = config.expand(cfg)
+    assert len(runs) == 1
+    label, one = runs[0]
+    assert label == {}
+    assert one.style == [str((exp / "style.png").resolve()), str((exp / "second.png").resolve())]
+    assert one.style_blend == [3.0, 1.0]
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def _sweep_runs(exp, body, name):
+    return config.expand(config.load(minimal(exp, body, name=name)))
+
+
+def test_sweep_is_the_cartesian_product_in_key_order(exp):
+    runs = _sweep_runs(exp, "sweep:\n  loss.style_weight: [1, 10]\n  size: [32, 64, 96]\n",
+                       "a.yaml")
+    expected = list(itertools.product([1.0, 10.0], [32, 64, 96]))  # keys sorted: loss < size
+    assert [(one.loss.style_weight, one.size) for _, one in runs] == expected
+    for label, one in runs:
+        assert label == {"loss.style_weight": one.loss.style_weight, "size": one.size}
+        assert one.sweep == {}
+        assert one.loss.tv_weight == 0.1  # unswept keys keep their values
+    ids = [config.run_id(one, label) for label, one in runs]
+    assert len(set(ids)) == 6
+
+    flipped = _sweep_runs(exp, "sweep:\n  size: [32, 64, 96]\n  loss.style_weight: [1, 10]\n",
+                          "b.yaml")
+    assert [config.run_id(one, label) for label, one in flipped] == ids
+
+
+def test_sweep_values_are_validated(exp):
+    with pytest.raises(ConfigError, match="size"):
+        _sweep_runs(exp, "sweep:\n  size: [64, 2]\n", "run.yaml")
+
+
+def test_sweep_with_a_content_glob_multiplies(exp):
+    png(exp / "imgs" / "x.png", (5, 5, 5))
+    png(exp / "imgs" / "y.png", (6, 6, 6))
+    cfg = config.load(write(exp / "run.yaml", "content: imgs/*.png\nstyle: style.png\n"
+                                              "sweep:\n  size: [32, 64]\n"))
+    runs = config.expand(cfg)
+    assert [(Path(one.content).stem, one.size) for _, one in runs] == [
+        ("x", 32), ("y", 32), ("x", 64), ("y", 64)]
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def test_run_id_is_deterministic_and_follows_the_pixels(exp):
+    def ident(extra="", overrides=()):
+        cfg = config.load(minimal(exp, extra), overrides)
+        return config.run_id(cfg), config.config_hash(cfg)
+
+    first = ident("size: 64\n")
+    assert ident("size: 64\n") == first
+    assert re.fullmatch(r"stylize-[0-9a-f]+", first[0])  # the default name's slug, then hash
+    assert first[0].endswith(first[1])
+
+    # Pixel-affecting keys change both.
+    for changed in (ident("size: 65\n"), ident("size: 64\n", ["loss.style_weight=2"]),
+                    ident("size: 64\n", ["optimizer.iterations=10"])):
+        assert changed[0] != first[0] and changed[1] != first[1]
+
+    # Bookkeeping keys change neither.
+    for same in (ident("size: 64\ncheckpoint_every: 7\n"), ident("size: 64\nlog_every: 3\n"),
+                 ident("size: 64\noutput_dir: somewhere/else\n")):
+        assert same == first
+
+    # The name is in the id, not in the hash.
+    renamed = ident("size: 64\nname: My Demo!\n")
+    assert renamed[1] == first[1]
+    assert renamed[0].startswith("my-demo-") and renamed[0] != first[0]
+
+    # Editing an input image in place changes them.
+    png(exp / "style.png", (250, 200, 1))
+    edited = ident("size: 64\n")
+    assert edited[0] != first[0] and edited[1] != first[1]
+
+
+def test_hash_counts_image_bytes_not_paths(tmp_path):
+    here, there = tmp_path / "here", tmp_path / "there" / "deeper"
+    for folder in (here, there):
+        png(folder / "content.png", (10, 20, 30))
+        png(folder / "style.png", (40, 50, 60))
+    a, b = config.load(minimal(here)), config.load(minimal(there))
+    assert a.content != b.content
+    assert config.run_id(a) == config.run_id(b)
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def test_saved_config_with_provenance_loads_back_the_same(exp):
+    cfg = config.load(minimal(exp, "size: 64\nloss:\n  style_weight: 1e4\n"))
+    saved = config.to_dict(cfg)
+    saved["provenance"] = {"python": "3.11", "tensorflow": "2.16"}
+    path = write(exp / "saved" / "config.yaml", config.to_yaml(saved))
+    again = config.load(path)
+    assert again == cfg
+    assert config.run_id(again) == config.run_id(cfg)
+
+
+def test_provenance_key_is_ignored(exp):
+    cfg = config.load(minimal(exp, 'provenance:\n  python: "3.11"\n'))
+    assert cfg.size == 512
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def cli(*args, cwd, flags=()):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *flags, "-m", "pipeline", *map(str, args)], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_validate_prints_the_resolved_config_without_tensorflow(exp):
+    path = minimal(exp, "size: 64\n")
+    done = cli("validate", path, "--set", "loss.style_weight=1e4", cwd=exp,
+               flags=["-X", "importtime"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = yaml.safe_load(done.stdout)
+    assert printed["content"] == str((exp / "content.png").resolve())
+    assert printed["size"] == 64 and printed["loss"]["style_weight"] == 10000.0
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0]
+                for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "yaml" in imported  # the import trace was really captured
+    assert not imported & {"tensorflow", "keras", "jax", "torch"}
+
+
+def test_cli_unknown_key_is_one_error_line_and_exit_2(exp):
+    done = cli("validate", minimal(exp, "loss:\n  style_wieght: 1\n"), cwd=exp)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:")
+    assert "loss.style_wieght" in lines[0] and "run.yaml" in lines[0]
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize("args", [
+    ["validate", "{cfg}", "--set", "size"],  # bad --set
+    ["frobnicate", "{cfg}"],  # unknown subcommand
+    ["validate"],  # missing config argument
+], ids=["bad-set", "unknown-command", "missing-argument"])
+def test_cli_command_line_mistakes_exit_2(exp, args):
+    cfg = minimal(exp)
+    done = cli(*[a.format(cfg=cfg) for a in args], cwd=exp)
+    assert done.returncode == 2
+    assert "error:" in done.stderr
+    assert "Traceback" not in done.stderr
