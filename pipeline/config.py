@@ -59,8 +59,9 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     # The objective uses means, not the paper's sums, so these weights carry across image
-    # sizes. The defaults are the keras.io VGG19 example's working weights converted to
-    # this objective: style_weight / content_weight sets how painterly the result is.
+    # sizes. The defaults are a starting point, converted by hand from the keras.io VGG19
+    # example's weights to this objective (not tuned on ImageNet weights: this project's
+    # workplace has no network). style_weight / content_weight sets how painterly it gets.
     content_weight: float = 1.0
     style_weight: float = 1e-2
     tv_weight: float = 1e-1
