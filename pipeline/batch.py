@@ -1,15 +1,21 @@
 """From a config to finished run folders: each run is a function of its resolved config and
 its folder. A completed run is skipped, an interrupted one resumes from its last checkpoint,
-a failed one starts again; one run's failure is recorded and never ends the others."""
+a failed one starts again; one run's failure is recorded and never ends the others.
+
+TensorFlow is imported only when a run starts (in run_one), so that planning, the parent of
+a worker pool, `status` and `report` stay light.
+"""
 
 from __future__ import annotations
 
+import logging
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from pipeline import __version__, autodiff, config, images, optimize, runs
-from pipeline.stylize import stylize
+from pipeline import __version__, config, images, optimize, runs
+
+log = logging.getLogger("pipeline")
 
 # How an optimiser's end maps onto the run's status.
 _STATUS = {
@@ -40,14 +46,81 @@ def plan(cfg: config.Config) -> list[Planned]:
     return [Planned(config.run_id(c, label), label, c) for label, c in config.expand(cfg)]
 
 
+def folder_of(job: Planned) -> runs.RunFolder:
+    return runs.RunFolder.for_config(job.cfg, job.run_id)
+
+
+def run_batch(
+    jobs: list[Planned],
+    workers: int = 1,
+    retries: int = 0,
+    stop=None,
+    progress: Callable[[Planned], Callable] | None = None,
+    on_outcome: Callable[[Outcome], None] = lambda outcome: None,
+    log_file: str | None = None,
+) -> list[Outcome]:
+    """Run every job (one after another, or in `workers` processes), then re-run the failed
+    ones up to `retries` times. `stop` is a multiprocessing Event; `progress(job)` gives the
+    step callback of a run executed in this process. Returns the last outcome of each job."""
+    outcomes: dict[str, Outcome] = {}
+    todo = list(jobs)
+    for attempt in range(retries + 1):
+        if attempt:
+            log.info("retrying %d failed run(s), attempt %d of %d", len(todo), attempt, retries)
+        if workers > 1:
+            from pipeline.workers import run_pool
+
+            finished = run_pool(todo, workers, stop, log_file)
+        else:
+            finished = _in_process(todo, stop, progress)
+        for outcome in finished:
+            outcomes[outcome.run_id] = outcome
+            on_outcome(outcome)
+        todo = [job for job in todo if outcomes.get(job.run_id) and
+                outcomes[job.run_id].status == "failed"]
+        if not todo or stop.is_set():
+            break
+    return [outcomes[job.run_id] for job in jobs if job.run_id in outcomes]
+
+
+def _in_process(jobs, stop, progress) -> Iterator[Outcome]:
+    for job in jobs:
+        if stop.is_set():
+            return
+        watcher = progress(job) if progress else None
+        try:
+            yield run_one(job, watcher, stop.is_set)
+        finally:
+            if watcher is not None:
+                watcher.close()
+
+
 def run_one(
     job: Planned,
     on_step: Callable[[optimize.Step], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> Outcome:
-    cfg, folder = job.cfg, runs.RunFolder.for_config(job.cfg, job.run_id)
+    """Run, resume or skip one run in its folder, holding the run's lock while it works.
+    A completed run is left untouched: not a file in its folder is written again."""
+    folder = folder_of(job)
+    if (folder.read_metrics() or {}).get("status") == "completed":
+        return Outcome(job.run_id, "skipped", folder, "already completed")
+    lock = folder.path.parent / ".locks" / job.run_id
+    try:
+        # Waits for a run still held by a dying process (an orphaned worker saving its state).
+        with runs.Lock(lock, f"run {job.run_id}", wait=120):
+            return _run_locked(job, folder, on_step, should_stop)
+    except runs.Locked as e:
+        return Outcome(job.run_id, "failed", folder, str(e))
+
+
+def _run_locked(job, folder, on_step, should_stop) -> Outcome:
+    from pipeline import autodiff
+    from pipeline.stylize import stylize
+
+    cfg = job.cfg
     previous = folder.read_metrics() or {}
-    if previous.get("status") == "completed":
+    if previous.get("status") == "completed":  # finished while we waited for the lock
         return Outcome(job.run_id, "skipped", folder, "already completed")
     # "running" here means a process died without a word (SIGKILL, power): resume it too.
     resume = folder.load_state() if previous.get("status") in ("interrupted", "running") else None
@@ -88,10 +161,11 @@ def run_one(
         init = images.load_image(cfg.init, tuple(cfg.background)) if _is_file(cfg.init) else None
         result, weights = stylize(cfg, content, styles, init, record, should_stop, resume)
     except Exception as e:  # one run's failure, whatever it is, must not end a batch
-        metrics.update(status="failed", error=_one_line(e), traceback=traceback.format_exc())
+        error = describe_error(e, cfg)
+        metrics.update(status="failed", error=error, traceback=traceback.format_exc())
         if folder.path.exists():
             folder.write_metrics(metrics)
-        return Outcome(job.run_id, "failed", folder, _one_line(e))
+        return Outcome(job.run_id, "failed", folder, error)
 
     status = _STATUS[result.reason]
     folder.save_result(result.image, text)
@@ -123,6 +197,12 @@ def _is_file(init: str) -> bool:
     return init not in config.INIT_KINDS
 
 
-def _one_line(e: Exception) -> str:
-    text = " ".join(str(e).split())
-    return text if text else type(e).__name__
+def describe_error(e: BaseException, cfg: config.Config) -> str:
+    """One line for metrics.json and the log; out-of-memory names the size and a smaller one."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    oom_words = ("RESOURCE_EXHAUSTED", "OOM when allocating", "out of memory", "Out of memory")
+    if isinstance(e, MemoryError) or any(word in text for word in oom_words):
+        smaller = max(16, cfg.size * 3 // 4 // 16 * 16)
+        return (f"out of memory at size {cfg.size}: try a smaller one, e.g. --set size={smaller}"
+                f" ({type(e).__name__}: {text[:200]})")
+    return text

@@ -1,8 +1,9 @@
-"""The command line: `python -m pipeline run|validate CONFIG [--set key=value ...]`.
+"""The command line: `python -m pipeline run|validate|status|report ...`.
 
-Turns errors into one-line messages and exit codes: 0 every run completed (or was already),
-1 some run failed, 2 the config or command line is wrong (nothing was started),
-130 interrupted (SIGINT or SIGTERM; the same command again resumes).
+Turns errors into one-line messages and exit codes: 0 every run completed (or already had),
+1 some run failed, 2 the config or command line is wrong (nothing was started), 3 the
+experiment is in use by another process (nothing was started), 130 interrupted (SIGINT or
+SIGTERM; the same command again resumes).
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import os
 import signal
 import sys
 import threading
+from collections import Counter
+from pathlib import Path
 
-from pipeline import config, runs
+from pipeline import batch, config, runs
+from pipeline.progress import Progress
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 log = logging.getLogger("pipeline")
 
 
@@ -38,7 +42,15 @@ def _parser() -> argparse.ArgumentParser:
 
     run = with_config("run", "run every run a config describes (resuming, skipping done ones)")
     run.add_argument("--dry-run", action="store_true", help="list the runs, run nothing")
+    run.add_argument("--workers", type=int, default=1, metavar="N",
+                     help="run N runs at once in separate processes (one GPU each if several)")
+    run.add_argument("--retries", type=int, default=0, metavar="N",
+                     help="re-attempt failed runs up to N times")
     with_config("validate", "check a config and print it resolved, without running")
+    for name, help_text in (("status", "counts, each run's status and the time left"),
+                            ("report", "write report.html, a contact sheet and loss curves")):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("experiment", type=Path, help="an experiment folder: <output_dir>/<name>")
     return parser
 
 
@@ -46,64 +58,86 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
+        if args.command in ("status", "report"):
+            if not args.experiment.is_dir():
+                raise config.ConfigError(f"{args.experiment}: no such experiment folder")
+            return _status(args.experiment) if args.command == "status" else _report(args)
+        if getattr(args, "workers", 1) < 1 or getattr(args, "retries", 0) < 0:
+            raise config.ConfigError("--workers must be at least 1 and --retries at least 0")
         cfg = config.load(args.config, args.set)
         if args.command == "validate":
             return _validate(cfg)
-        return _run(cfg, args.dry_run)
+        return _run(cfg, args)
     except config.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except runs.Locked as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_LOCKED
 
 
 def _validate(cfg: config.Config) -> int:
-    runs = config.expand(cfg)
-    for label, one in runs:
-        data = config.to_dict(one)
+    jobs = batch.plan(cfg)
+    for job in jobs:
+        data = config.to_dict(job.cfg)
         data.pop("sweep")
-        print(f"# run {config.run_id(one, label)}")
+        print(f"# run {job.run_id}")
         print(config.to_yaml(data))
-    print(f"# {len(runs)} run(s): config is valid", file=sys.stderr)
+    print(f"# {len(jobs)} run(s): config is valid", file=sys.stderr)
     return EXIT_OK
 
 
-def _run(cfg: config.Config, dry_run: bool) -> int:
-    # Quiet TensorFlow's start-up chatter before it is imported (through batch).
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from pipeline import batch
-
+def _run(cfg: config.Config, args) -> int:
     jobs = batch.plan(cfg)
-    if dry_run:
+    if args.dry_run:
         for job in jobs:
             swept = " ".join(f"{k}={v}" for k, v in job.label.items())
             print(f"{job.run_id}  {swept}".rstrip())
         print(f"# {len(jobs)} run(s)", file=sys.stderr)
         return EXIT_OK
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
+    exp = runs.experiment_dir(cfg)
+    with runs.Lock(exp / ".lock", f"experiment {exp}"):
+        log_file = exp / "experiment.log"
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        log.addHandler(handler)
+        log.info("%s: %d run(s), %d worker(s)", exp, len(jobs), args.workers)
+        runs.write_plan(exp, [{"run_id": j.run_id, "label": j.label,
+                               "iterations": j.cfg.optimizer.iterations} for j in jobs],
+                        args.workers)
+        runs.write_table(exp)
+        stop = _install_stop_handlers()
 
-    stop = _install_stop_handlers()
-    outcomes = []
-    for job in jobs:
-        if stop.is_set():
-            break
-        progress = Progress(job.run_id, job.cfg.optimizer.iterations, job.cfg.log_every)
-        log.info("%s: %s", job.run_id, runs.RunFolder.for_config(job.cfg, job.run_id).path)
-        try:
-            outcome = batch.run_one(job, progress, stop.is_set)
-        finally:
-            progress.close()
-        outcomes.append(outcome)
-        _report(outcome)
-    statuses = [o.status for o in outcomes]
-    if "failed" in statuses:
+        def finished(outcome):
+            _say(outcome)
+            runs.write_table(exp)  # kept current as runs finish
+
+        outcomes = batch.run_batch(
+            jobs, args.workers, args.retries, stop,
+            progress=lambda job: Progress(job.run_id, job.cfg.optimizer.iterations,
+                                          job.cfg.log_every),
+            on_outcome=finished, log_file=str(log_file))
+        counts = Counter(o.status for o in outcomes)
+        not_started = len(jobs) - len(outcomes)
+        log.info("summary: %d run(s): %d completed, %d failed, %d interrupted, %d skipped%s",
+                 len(jobs), counts["completed"], counts["failed"], counts["interrupted"],
+                 counts["skipped"], f", {not_started} not started" if not_started else "")
+        for outcome in outcomes:
+            if outcome.status == "failed":
+                log.info("  failed: %s: %s", outcome.run_id, outcome.message)
+        log.info("table: %s", exp / "runs.csv")
+        log.removeHandler(handler)
+    if counts["failed"]:
         return EXIT_FAILED
-    if "interrupted" in statuses or stop.is_set():
+    if counts["interrupted"] or not_started or stop.is_set():
         return EXIT_INTERRUPTED
     return EXIT_OK
 
 
-def _report(outcome) -> None:
-    path = outcome.folder.path
+def _say(outcome) -> None:
     if outcome.status == "skipped":
-        log.info("%s: already completed, nothing to do (%s)", outcome.run_id, path)
+        log.info("%s: already completed, nothing to do (%s)", outcome.run_id, outcome.folder.path)
     elif outcome.status == "completed":
         log.info("%s: completed -> %s", outcome.run_id, outcome.folder.result)
     elif outcome.status == "interrupted":
@@ -114,15 +148,15 @@ def _report(outcome) -> None:
 
 
 def _install_stop_handlers() -> threading.Event:
-    """SIGINT and SIGTERM ask the run to stop at its next evaluation and save what it has;
-    a second Ctrl-C aborts at once."""
+    """SIGINT and SIGTERM ask the runs to stop at their next evaluation and save what they
+    have; a second Ctrl-C aborts at once."""
     stop = threading.Event()
 
     def handler(signum, frame):
         if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
         stop.set()
-        log.warning("\n%s: stopping at the next evaluation and saving (Ctrl-C again aborts)",
+        log.warning("%s: stopping at the next evaluation and saving (Ctrl-C again aborts)",
                     signal.Signals(signum).name)
 
     signal.signal(signal.SIGINT, handler)
@@ -130,28 +164,47 @@ def _install_stop_handlers() -> threading.Event:
     return stop
 
 
-class Progress:
-    """A tqdm bar with the loss on a terminal; plain log lines every `every` iterations
-    otherwise (a log file fills up with carriage returns)."""
+def _status(exp: Path) -> int:
+    rows = runs.experiment_rows(exp)
+    if not rows:
+        raise config.ConfigError(f"{exp}: no runs here (is it <output_dir>/<name>?)")
+    try:
+        with runs.Lock(exp / ".lock", "experiment"):
+            holder = "not running"
+    except runs.Locked as e:
+        holder = str(e).replace("experiment is in use by", "running:")
+    counts = Counter(row["status"] for row in rows)
+    print(f"{exp}: {len(rows)} run(s), {holder}")
+    print("  " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    for row in rows:
+        done, planned = runs.progress_of(row), row["planned_iterations"]
+        loss = f"loss {row['total']:.4g}" if row["total"] is not None else ""
+        swept = " ".join(f"{k}={v}" for k, v in row["swept"].items())
+        line = f"  {row['status']:<11} {row['run_id']:<40} {done:>5}/{planned or '?'}  {loss}"
+        print(f"{line}  {swept}".rstrip() + (f"  ({row['error']})" if row["error"] else ""))
+    eta = _time_left(rows, runs.read_plan(exp).get("workers", 1))
+    print(f"  time left: {eta}")
+    return EXIT_OK
 
-    def __init__(self, run_id: str, iterations: int, every: int):
-        self.run_id, self.iterations, self.every = run_id, iterations, every
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
 
-            self.bar = tqdm(total=iterations, desc=run_id, unit="it", dynamic_ncols=True,
-                            leave=False)
+def _time_left(rows, workers: int) -> str:
+    """Remaining iterations times the seconds per iteration seen so far, over the workers."""
+    spent = sum(r["seconds"] or 0 for r in rows if r["iterations"])
+    done = sum(r["iterations"] for r in rows if r["seconds"])
+    remaining = sum(max(0, (r["planned_iterations"] or 0) - runs.progress_of(r))
+                    for r in rows if r["status"] != "completed")
+    if remaining == 0:
+        return "none"
+    if not done:
+        return "unknown until a run has made progress"
+    seconds = remaining * spent / done / max(1, workers)
+    hours, rest = divmod(int(seconds), 3600)
+    return f"about {hours}h{rest // 60:02d}m" if hours else f"about {rest // 60}m{rest % 60:02d}s"
 
-    def __call__(self, step) -> None:
-        if self.bar is not None:
-            self.bar.update(step.iteration - self.bar.n)
-            self.bar.set_postfix_str(f"loss {step.total:.4g}", refresh=False)
-        elif step.iteration % self.every == 0 or step.iteration == self.iterations:
-            terms = " ".join(f"{k} {v:.4g}" for k, v in step.terms.items())
-            log.info("%s: iteration %d/%d  loss %.4g (%s)  %.1fs", self.run_id, step.iteration,
-                     self.iterations, step.total, terms, step.seconds)
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def _report(args) -> int:
+    from pipeline import report
+
+    for path in report.write_report(args.experiment):
+        print(path)
+    return EXIT_OK

@@ -430,6 +430,8 @@ def _check(cfg: Config) -> None:
     known = dotted_keys()
     for key, values in cfg.sweep.items():
         need(key in known and key != "sweep", f"sweep.{key}", _unknown(key, known))
+        need(key not in ("name", "output_dir"), f"sweep.{key}",
+             "cannot be swept: the runs of one config share one experiment folder")
         need(isinstance(values, list) and len(values) > 0, f"sweep.{key}",
              "must be a non-empty list of values")
 

@@ -8,11 +8,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.optimize import fmin_l_bfgs_b
 
-from pipeline.autodiff import ValueAndGrad
+if TYPE_CHECKING:  # only the type: the optimiser itself needs no deep-learning framework
+    from pipeline.autodiff import ValueAndGrad
 
 # Why a run ended: the optimiser's own ends, then ours.
 COMPLETED = "completed"  # the requested iterations ran (scipy warnflag 1)

@@ -5,9 +5,13 @@ last line is dropped when it is read."""
 
 from __future__ import annotations
 
+import csv
+import fcntl
 import io
 import json
 import os
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +109,123 @@ def trace_row(step) -> dict:
         "total": step.total,
         **step.terms,
     }
+
+
+# --------------------------------------------------------------------------- locks
+
+
+class Locked(RuntimeError):
+    """Another process holds the lock; the message says which."""
+
+
+class Lock:
+    """An exclusive lock on a file, held while the `with` block runs.
+
+    flock is released by the kernel when its holder dies, SIGKILL included, so a crash never
+    leaves a stale lock behind. The holder writes who it is into the file for the message.
+    """
+
+    def __init__(self, path, what: str, wait: float = 0):
+        self.path, self.what, self.wait, self.fd = Path(path), what, wait, None
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
+                holder = os.read(fd, 500).decode(errors="replace").strip()
+                os.close(fd)
+                raise Locked(f"{self.what} is in use by {holder or 'another process'}") from None
+        os.ftruncate(fd, 0)
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # closing releases the lock
+
+
+# --------------------------------------------------------------------------- experiments
+# An experiment is `<output_dir>/<name>/`: its runs' folders, plan.json (the runs the last
+# command planned, so that runs not yet started are known), runs.csv and experiment.log.
+
+
+def write_plan(exp_dir: Path, jobs: list[dict], workers: int) -> None:
+    """jobs: [{"run_id", "label", "iterations"}] in the order they run."""
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    images.atomic_write(exp_dir / "plan.json",
+                        json.dumps({"workers": workers, "runs": jobs}, indent=2) + "\n")
+
+
+def read_plan(exp_dir: Path) -> dict:
+    try:
+        return json.loads((Path(exp_dir) / "plan.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {"workers": 1, "runs": []}
+
+
+def experiment_rows(exp_dir: Path) -> list[dict]:
+    """One row per run of the experiment, planned or found on disk, from each run's
+    metrics.json (the source of truth); runs not started yet are `pending`."""
+    exp_dir = Path(exp_dir)
+    planned = {job["run_id"]: job for job in read_plan(exp_dir)["runs"]}
+    on_disk = sorted(p.parent.name for p in exp_dir.glob("*/metrics.json"))
+    rows = []
+    for run_id in [*planned, *(r for r in on_disk if r not in planned)]:
+        folder = RunFolder(exp_dir / run_id)
+        metrics = folder.read_metrics() or {}
+        job = planned.get(run_id, {})
+        loss = metrics.get("loss") or {}
+        rows.append({
+            "run_id": run_id,
+            "status": metrics.get("status", "pending"),
+            "swept": job.get("label", metrics.get("swept", {})),
+            "total": loss.get("total"),
+            "content": loss.get("content"),
+            "style": loss.get("style"),
+            "tv": loss.get("tv"),
+            "iterations": metrics.get("iterations", 0),
+            "planned_iterations": job.get("iterations"),
+            "seconds": metrics.get("seconds"),
+            "result": str(folder.result) if folder.result.exists() else "",
+            "error": metrics.get("error", ""),
+            "folder": folder,
+        })
+    return rows
+
+
+TABLE_COLUMNS = ("run_id", "status", "total", "content", "style", "tv", "iterations", "seconds",
+                 "result", "error")
+
+
+def write_table(exp_dir: Path) -> list[dict]:
+    """Rewrite runs.csv whole (atomically) from the runs' metrics; returns the rows."""
+    rows = experiment_rows(exp_dir)
+    swept = sorted({key for row in rows for key in row["swept"]})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow([*TABLE_COLUMNS[:2], *swept, *TABLE_COLUMNS[2:]])
+    for row in rows:
+        values = [row["swept"].get(key, "") for key in swept]
+        writer.writerow([row["run_id"], row["status"], *values,
+                         *("" if row[c] is None else row[c] for c in TABLE_COLUMNS[2:])])
+    images.atomic_write(Path(exp_dir) / "runs.csv", buffer.getvalue())
+    return rows
+
+
+def progress_of(row: dict) -> int:
+    """Iterations done: metrics lag behind a running run (written at checkpoints); its trace
+    does not."""
+    if row["status"] == "running":
+        trace = row["folder"].read_trace()
+        if trace:
+            return max(row["iterations"], trace[-1]["iteration"])
+    return row["iterations"]

@@ -42,8 +42,8 @@ def write_config(folder, name="tiny", **extra):
     return path
 
 
-def only_run(folder, name="tiny"):
-    (run,) = (folder / "out" / name).iterdir()
+def only_run(folder, name="tiny", out="out"):
+    (run,) = [p for p in (folder / out / name).glob("[!.]*") if p.is_dir()]
     return run
 
 
@@ -102,7 +102,7 @@ def test_same_config_same_pixels(tiny, tmp_path):
     folder, config, _ = tiny
     proc = run_cli("run", config, "--set", f"output_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
-    (again,) = (tmp_path / "tiny").iterdir()
+    again = only_run(tmp_path, "tiny", out="")
     first = np.asarray(Image.open(only_run(folder) / "result.png"))
     np.testing.assert_array_equal(np.asarray(Image.open(again / "result.png")), first)
 
@@ -114,7 +114,7 @@ def test_jax_backend_gives_the_same_objective(tiny, tmp_path):
     proc = run_cli("run", config, "--set", f"output_dir={tmp_path}",
                    env={"KERAS_BACKEND": "jax"})
     assert proc.returncode == 0, proc.stderr
-    (run,) = (tmp_path / "tiny").iterdir()
+    run = only_run(tmp_path, "tiny", out="")
     jax_metrics = json.loads((run / "metrics.json").read_text())
     tf_metrics = json.loads((only_run(folder) / "metrics.json").read_text())
     assert yaml.safe_load((run / "config.yaml").read_text())["provenance"]["backend"] == "jax"

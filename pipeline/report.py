@@ -1,0 +1,202 @@
+"""An experiment, finished or under way, as something to look at over breakfast:
+`report.html` (one static page, images embedded, linked to each run's files),
+`contact_sheet.png` (results in a grid labelled with their swept values) and a `loss.png`
+curve in each run's folder."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from pipeline import images, runs
+
+THUMB = 192  # pixels, the long side of a result in the sheet and on the page
+
+
+def write_report(exp: Path) -> list[Path]:
+    exp = Path(exp)
+    rows = runs.experiment_rows(exp)
+    keys = sorted({key for row in rows for key in row["swept"]})
+    for row in rows:
+        if row["folder"].read_trace():
+            plot_losses(row["folder"], row["run_id"])
+    sheet = exp / "contact_sheet.png"
+    images.atomic_write(sheet, _png_bytes(contact_sheet(rows, keys)))
+    page = exp / "report.html"
+    images.atomic_write(page, render_html(exp, rows, keys, sheet))
+    return [page, sheet]
+
+
+# --------------------------------------------------------------------------- loss curves
+
+
+def plot_losses(folder: runs.RunFolder, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    trace = folder.read_trace()
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    steps = [row["iteration"] for row in trace]
+    for term in ("total", "content", "style", "tv"):
+        values = [row.get(term) for row in trace]
+        if all(v is not None and v > 0 for v in values):
+            ax.plot(steps, values, label=term, linewidth=2 if term == "total" else 1)
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    path = folder.path / "loss.png"
+    images.atomic_write(path, buffer.getvalue())
+    return path
+
+
+# --------------------------------------------------------------------------- contact sheet
+
+
+def _value(row: dict, key: str) -> str:
+    value = row["swept"].get(key, "")
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _leaf(key: str) -> str:
+    return key.rpartition(".")[2]
+
+
+def _axes(rows, keys):
+    """Row labels and column labels, in the order the runs were planned: with two or more
+    swept keys the first runs down the rows and the others across the columns."""
+    def ordered(values):
+        return list(dict.fromkeys(values))
+
+    if not keys:
+        return [""], ordered(row["run_id"] for row in rows), lambda r: ("", r["run_id"])
+    row_keys, col_keys = (keys[:1], keys[1:]) if len(keys) > 1 else ([], keys)
+
+    def label(row, which):
+        return ", ".join(f"{_leaf(k)}={_value(row, k)}" for k in which)
+
+    def place(row):
+        return label(row, row_keys), label(row, col_keys)
+
+    return ordered(place(r)[0] for r in rows), ordered(place(r)[1] for r in rows), place
+
+
+def _font(size=13):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow built without FreeType: a fixed bitmap font
+        return ImageFont.load_default()
+
+
+def contact_sheet(rows: list[dict], keys: list[str]) -> Image.Image:
+    row_labels, col_labels, place = _axes(rows, keys)
+    font = _font()
+    pad, head, side = 8, 34, (150 if any(row_labels) else 0)
+    cell = THUMB + pad
+    sheet = Image.new("RGB", (side + cell * len(col_labels) + pad,
+                              head + cell * len(row_labels) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for j, label in enumerate(col_labels):
+        draw.text((side + pad + j * cell, 10), label, fill="black", font=font)
+    for i, label in enumerate(row_labels):
+        draw.text((pad, head + i * cell + THUMB // 2), label, fill="black", font=font)
+    for row in rows:
+        r, c = place(row)
+        x, y = side + pad + col_labels.index(c) * cell, head + row_labels.index(r) * cell
+        if row["result"]:
+            sheet.paste(_fit(row["result"], THUMB), (x, y))
+        else:
+            draw.rectangle((x, y, x + THUMB, y + THUMB), fill=(225, 225, 225))
+            draw.text((x + 10, y + THUMB // 2), row["status"], fill="black", font=font)
+    return sheet
+
+
+def _fit(path, size: int) -> Image.Image:
+    """The image scaled, up or down, so that its long side is `size` pixels."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+    scale = size / max(image.size)
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                        Image.Resampling.LANCZOS)
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def _data_uri(path: Path, size: int | None = THUMB) -> str:
+    image = _fit(path, size) if size else Image.open(path)
+    data = base64.b64encode(_png_bytes(image)).decode()
+    return f"data:image/png;base64,{data}"
+
+
+_STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }
+h1 { font-size: 20px; } h2 { font-size: 16px; margin-top: 28px; }
+.grid { display: flex; flex-wrap: wrap; gap: 14px; }
+.card { border: 1px solid #ddd; border-radius: 6px; padding: 8px; width: 260px; }
+.card img { max-width: 100%; display: block; margin-bottom: 6px; }
+.failed { border-color: #d33; } .pending, .running, .interrupted { border-color: #e9a23b; }
+table { border-collapse: collapse; } td { padding: 1px 8px 1px 0; }
+.muted { color: #777; } .sheet { max-width: 100%; }
+"""
+
+
+def _card(exp: Path, row: dict, keys: list[str]) -> str:
+    e = html.escape
+    rel = Path(row["folder"].path.name)
+    picture = (f'<a href="{e(str(rel / "result.png"))}"><img alt="result" '
+               f'src="{_data_uri(Path(row["result"]))}"></a>' if row["result"] else "")
+    values = "".join(f"<tr><td>{e(_leaf(k))}</td><td>{e(_value(row, k))}</td></tr>"
+                     for k in keys)
+    losses = "".join(f"<tr><td>{term}</td><td>{row[term]:.4g}</td></tr>"
+                     for term in ("total", "content", "style", "tv") if row[term] is not None)
+    links = " · ".join(f'<a href="{e(str(rel / name))}">{name}</a>'
+                       for name in ("loss.png", "metrics.json", "trace.jsonl", "config.yaml")
+                       if (row["folder"].path / name).exists())
+    seconds = f", {row['seconds']:.0f} s" if row["seconds"] else ""
+    error = f"<div>{e(row['error'])}</div>" if row["error"] else ""
+    return (f'<div class="card {e(row["status"])}">{picture}<table>{values}{losses}</table>'
+            f'<div class="muted">{e(row["run_id"])}<br>{e(row["status"])}, '
+            f'{row["iterations"]} iterations{seconds}</div>{error}<div>{links}</div></div>')
+
+
+def render_html(exp: Path, rows: list[dict], keys: list[str], sheet: Path) -> str:
+    e = html.escape
+    groups: dict[str, list[dict]] = {}
+    for row in rows:  # grouped by the first swept key, the others shown on each card
+        title = f"{_leaf(keys[0])} = {_value(row, keys[0])}" if keys else "runs"
+        groups.setdefault(title, []).append(row)
+    counts = ", ".join(f"{sum(r['status'] == s for r in rows)} {s}"
+                       for s in sorted({r["status"] for r in rows}))
+    sections = "".join(
+        f"<h2>{e(title)}</h2><div class='grid'>"
+        + "".join(_card(exp, row, keys[1:] if keys else []) for row in group) + "</div>"
+        for title, group in groups.items())
+    swept = ", ".join(keys) if keys else "nothing"
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{e(exp.name)}: style transfer report</title>
+<style>{_STYLE}</style></head><body>
+<h1>{e(exp.name)}</h1>
+<p>{len(rows)} run(s): {e(counts)}. Swept: {e(swept)}. Table: <a href="runs.csv">runs.csv</a>.
+Losses are the unweighted terms; total is the weighted sum.</p>
+<a href="{e(sheet.name)}"><img class="sheet" alt="contact sheet" src="{_data_uri(sheet, None)}"></a>
+{sections}
+</body></html>
+"""
