@@ -15,7 +15,7 @@ DEMO_ARGS += --set size=128 --set optimizer.iterations=60 --set checkpoint_every
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test demo run bench lint clean
+.PHONY: help setup test demo run sweep overnight status report bench lint clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -36,6 +36,26 @@ demo: $(STAMP) ## stylise the demo images into outputs/demo/ (WEIGHTS=random: of
 run: $(STAMP) ## run a config: make run CONFIG=configs/x.yaml [ARGS="--set size=256"]
 	@test -n "$(CONFIG)" || { echo "usage: make run CONFIG=path/to/config.yaml"; exit 2; }
 	$(PY) -m pipeline run $(CONFIG) $(ARGS)
+
+sweep: $(STAMP) ## run a sweep in the foreground: make sweep CONFIG=configs/sweeps/example.yaml
+	@test -n "$(CONFIG)" || { echo "usage: make sweep CONFIG=path/to/config.yaml"; exit 2; }
+	$(PY) -m pipeline run $(CONFIG) $(ARGS)
+
+overnight: $(STAMP) ## run CONFIG in the background (nohup); running it again resumes
+	@test -n "$(CONFIG)" || { echo "usage: make overnight CONFIG=path/to/config.yaml"; exit 2; }
+	@$(PY) -m pipeline run $(CONFIG) $(ARGS) --dry-run >/dev/null  # config errors show here, now
+	@mkdir -p outputs; log=outputs/overnight-$(basename $(notdir $(CONFIG))).log; \
+	nohup $(PY) -m pipeline run $(CONFIG) $(ARGS) >>$$log 2>&1 </dev/null & \
+	echo "running in the background as pid $$!; its output goes to $$log"; \
+	echo "watch: make status EXP=<the folder above>; stop: kill $$! (it saves; run again to resume)"
+
+status: $(STAMP) ## counts, each run's status and the time left: make status EXP=outputs/<name>
+	@test -n "$(EXP)" || { echo "usage: make status EXP=outputs/<name>"; exit 2; }
+	@$(PY) -m pipeline status $(EXP)
+
+report: $(STAMP) ## report.html, contact sheet, loss curves: make report EXP=outputs/<name>
+	@test -n "$(EXP)" || { echo "usage: make report EXP=outputs/<name>"; exit 2; }
+	$(PY) -m pipeline report $(EXP)
 
 bench: $(STAMP) ## speed: this pipeline against the seed recipe, per evaluation, 128 px CPU
 	$(PY) benchmarks/bench_eval.py $(ARGS)

@@ -93,7 +93,7 @@ def _run(cfg: config.Config, args) -> int:
         for job in jobs:
             swept = " ".join(f"{k}={v}" for k, v in job.label.items())
             print(f"{job.run_id}  {swept}".rstrip())
-        print(f"# {len(jobs)} run(s)", file=sys.stderr)
+        print(f"# {len(jobs)} run(s) in {runs.experiment_dir(cfg)}", file=sys.stderr)
         return EXIT_OK
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
     exp = runs.experiment_dir(cfg)
