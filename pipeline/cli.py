@@ -98,6 +98,7 @@ def _run(cfg: config.Config, args) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
     exp = runs.experiment_dir(cfg)
     with runs.Lock(exp / ".lock", f"experiment {exp}"):
+        runs.remove_stale_temporaries(exp)
         log_file = exp / "experiment.log"
         handler = logging.FileHandler(log_file)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
@@ -176,14 +177,20 @@ def _status(exp: Path) -> int:
     counts = Counter(row["status"] for row in rows)
     print(f"{exp}: {len(rows)} run(s), {holder}")
     print("  " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    width = max(len(row["run_id"]) for row in rows)
     for row in rows:
         done, planned = runs.progress_of(row), row["planned_iterations"]
-        loss = f"loss {row['total']:.4g}" if row["total"] is not None else ""
+        loss = f"loss {row['total']:<9.4g}" if row["total"] is not None else ""
         swept = " ".join(f"{k}={v}" for k, v in row["swept"].items())
-        line = f"  {row['status']:<11} {row['run_id']:<40} {done:>5}/{planned or '?'}  {loss}"
+        steps = f"{done}/{planned or '?'}"
+        line = f"  {row['status']:<11} {row['run_id']:<{width}} {steps:>11}  {loss:<14}"
         print(f"{line}  {swept}".rstrip() + (f"  ({row['error']})" if row["error"] else ""))
     eta = _time_left(rows, runs.read_plan(exp).get("workers", 1))
     print(f"  time left: {eta}")
+    older = runs.unplanned_runs(exp)
+    if older:
+        print(f"  ({len(older)} older run folder(s) here are not in the current plan: "
+              f"{', '.join(older[:3])}{', ...' if len(older) > 3 else ''})")
     return EXIT_OK
 
 

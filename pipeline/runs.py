@@ -71,6 +71,7 @@ class RunFolder:
         """Create the folder, write config.yaml, and cut the trace back to the checkpoint
         the run resumes from (iterations after it will be run again)."""
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.path, self.checkpoints)
         images.atomic_write(self.config, config.to_yaml({**resolved, "provenance": provenance}))
         kept = [row for row in self.read_trace() if row["iteration"] <= resume_from]
         images.atomic_write(self.trace, "".join(json.dumps(row) + "\n" for row in kept))
@@ -94,6 +95,14 @@ class RunFolder:
 
     def save_result(self, image: np.ndarray, text: dict) -> None:
         images.save_png(self.result, image, text)
+
+
+def remove_stale_temporaries(*folders: Path) -> None:
+    """A kill during an atomic write leaves its temporary file (`.<name>.<random>.tmp`)
+    beside the intact original; the next holder of the folder's lock clears them away."""
+    for folder in folders:
+        for stale in Path(folder).glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
 
 
 def experiment_dir(cfg: config.Config) -> Path:
@@ -173,13 +182,14 @@ def read_plan(exp_dir: Path) -> dict:
 
 
 def experiment_rows(exp_dir: Path) -> list[dict]:
-    """One row per run of the experiment, planned or found on disk, from each run's
-    metrics.json (the source of truth); runs not started yet are `pending`."""
+    """One row per run of the experiment's plan (the runs the last command planned), from
+    each run's metrics.json (the source of truth); runs not started yet are `pending`.
+    Folders of runs an edited config no longer plans are left out (see unplanned_runs); with
+    no plan at all, every run folder found is a row."""
     exp_dir = Path(exp_dir)
     planned = {job["run_id"]: job for job in read_plan(exp_dir)["runs"]}
-    on_disk = sorted(p.parent.name for p in exp_dir.glob("*/metrics.json"))
     rows = []
-    for run_id in [*planned, *(r for r in on_disk if r not in planned)]:
+    for run_id in planned or _run_folders(exp_dir):
         folder = RunFolder(exp_dir / run_id)
         metrics = folder.read_metrics() or {}
         job = planned.get(run_id, {})
@@ -202,8 +212,22 @@ def experiment_rows(exp_dir: Path) -> list[dict]:
     return rows
 
 
+def _run_folders(exp_dir: Path) -> list[str]:
+    return sorted(p.parent.name for p in Path(exp_dir).glob("*/metrics.json"))
+
+
+def unplanned_runs(exp_dir: Path) -> list[str]:
+    """Run folders the current plan does not name: runs of an earlier version of the config
+    (a changed value or an edited image gives a new run id). Kept, never deleted."""
+    planned = {job["run_id"] for job in read_plan(exp_dir)["runs"]}
+    return [run_id for run_id in _run_folders(exp_dir) if planned and run_id not in planned]
+
+
 TABLE_COLUMNS = ("run_id", "status", "total", "content", "style", "tv", "iterations", "seconds",
                  "result", "error")
+# The loss terms get a suffix in the header: `content` and `style` are also swept keys (the
+# images of a glob batch), and a column name must say which it is.
+_HEADER = {term: f"{term}_loss" for term in ("total", "content", "style", "tv")}
 
 
 def write_table(exp_dir: Path) -> list[dict]:
@@ -212,7 +236,7 @@ def write_table(exp_dir: Path) -> list[dict]:
     swept = sorted({key for row in rows for key in row["swept"]})
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow([*TABLE_COLUMNS[:2], *swept, *TABLE_COLUMNS[2:]])
+    writer.writerow([*TABLE_COLUMNS[:2], *swept, *(_HEADER.get(c, c) for c in TABLE_COLUMNS[2:])])
     for row in rows:
         values = [row["swept"].get(key, "") for key in swept]
         writer.writerow([row["run_id"], row["status"], *values,

@@ -13,9 +13,12 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
+import time
 
 log = logging.getLogger("pipeline")
 _worker: dict = {}  # this worker's settings, filled by _init
+_busy = threading.Lock()  # held while this worker runs a run
 
 
 def visible_gpus() -> list[str]:
@@ -53,6 +56,18 @@ def _init(slots, stop, parent_pid: int, gpus: list[str], threads: int, log_file:
     logging.basicConfig(level=logging.INFO, handlers=handlers,
                         format=f"%(asctime)s [worker {slot}] %(message)s", datefmt="%H:%M:%S")
     _worker.update(stop=stop, parent=parent_pid, slot=slot)
+    threading.Thread(target=_exit_when_orphaned, daemon=True).start()
+
+
+def _exit_when_orphaned() -> None:
+    """A pool worker whose parent died would wait for work forever (it holds its own job
+    queue open). Once orphaned, it lets a run in progress stop and save (see _should_stop),
+    then exits, so that nothing is left holding the GPU or the run's lock."""
+    while os.getppid() == _worker["parent"]:
+        time.sleep(0.5)
+    with _busy:
+        logging.shutdown()
+        os._exit(0)
 
 
 def _should_stop() -> bool:
@@ -66,8 +81,12 @@ def _work(job):
     from pipeline import batch
     from pipeline.progress import Progress
 
-    progress = Progress(job.run_id, job.cfg.optimizer.iterations, job.cfg.log_every, bar=False)
-    return batch.run_one(job, progress, _should_stop)
+    with _busy:
+        if _should_stop():  # queued before the stop; not started, so nothing to save
+            return None
+        progress = Progress(job.run_id, job.cfg.optimizer.iterations, job.cfg.log_every,
+                            bar=False)
+        return batch.run_one(job, progress, _should_stop)
 
 
 def run_pool(jobs, workers: int, stop, log_file: str | None = None):
@@ -100,7 +119,9 @@ def run_pool(jobs, workers: int, stop, log_file: str | None = None):
             for future in done:
                 job = pending.pop(future)
                 try:
-                    yield future.result()
+                    outcome = future.result()
+                    if outcome is not None:
+                        yield outcome
                 except futures.process.BrokenProcessPool:  # killed: the OOM killer, ...
                     yield batch.Outcome(job.run_id, "failed", batch.folder_of(job),
                                         "its worker process died (out of memory?)")
