@@ -4,8 +4,6 @@ processes, and the table, status and report they leave behind."""
 
 import csv
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
