@@ -15,10 +15,10 @@ DEMO_ARGS += --set size=128 --set optimizer.iterations=60 --set checkpoint_every
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test demo run sweep overnight status report bench lint clean
+.PHONY: help setup test demo run sweep overnight status report bench bench-eval bench-workers lint clean
 
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,8 +57,15 @@ report: $(STAMP) ## report.html, contact sheet, loss curves: make report EXP=out
 	@test -n "$(EXP)" || { echo "usage: make report EXP=outputs/<name>"; exit 2; }
 	$(PY) -m pipeline report $(EXP)
 
-bench: $(STAMP) ## speed: this pipeline against the seed recipe, per evaluation, 128 px CPU
+bench: $(STAMP) ## speed: per evaluation against the seed recipe (128 px), runs/hour by workers
+	$(PY) benchmarks/bench_eval.py
+	$(PY) benchmarks/bench_workers.py
+
+bench-eval: $(STAMP) ## seconds per evaluation only: make bench-eval ARGS="--size 256"
 	$(PY) benchmarks/bench_eval.py $(ARGS)
+
+bench-workers: $(STAMP) ## runs per hour by --workers only: make bench-workers ARGS="--workers 1 2 4"
+	$(PY) benchmarks/bench_workers.py $(ARGS)
 
 lint: $(STAMP) ## ruff over the code
 	$(PY) -m ruff check pipeline tests benchmarks scripts
