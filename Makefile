@@ -43,11 +43,15 @@ sweep: $(STAMP) ## run a sweep in the foreground: make sweep CONFIG=configs/swee
 
 overnight: $(STAMP) ## run CONFIG in the background (nohup); running it again resumes
 	@test -n "$(CONFIG)" || { echo "usage: make overnight CONFIG=path/to/config.yaml"; exit 2; }
-	@$(PY) -m pipeline run $(CONFIG) $(ARGS) --dry-run >/dev/null  # config errors show here, now
-	@mkdir -p outputs; log=outputs/overnight-$(basename $(notdir $(CONFIG))).log; \
-	nohup $(PY) -m pipeline run $(CONFIG) $(ARGS) >>$$log 2>&1 </dev/null & \
-	echo "running in the background as pid $$!; its output goes to $$log"; \
-	echo "watch: make status EXP=<the folder above>; stop: kill $$! (it saves; run again to resume)"
+	@# A dry run first, so that config errors show here and now, not in a log read tomorrow.
+	@plan=$$($(PY) -m pipeline run $(CONFIG) $(ARGS) --dry-run 2>&1 >/dev/null) || \
+	  { echo "$$plan"; exit 2; }; \
+	case "$$plan" in *"in use by"*) echo "$$plan"; echo "already running: see make status"; exit 3;; esac; \
+	exp=$${plan##* in }; mkdir -p outputs; log=outputs/overnight-$(basename $(notdir $(CONFIG))).log; \
+	nohup $(PY) -m pipeline run $(CONFIG) $(ARGS) >>$$log 2>&1 </dev/null & pid=$$!; \
+	sleep 3; if ! kill -0 $$pid 2>/dev/null; then wait $$pid; rc=$$?; tail -n 4 $$log; exit $$rc; fi; \
+	echo "$$plan"; echo "running in the background as pid $$pid; its output goes to $$log"; \
+	echo "watch: make status EXP=$$exp   stop: kill $$pid (it saves; the same make command resumes)"
 
 status: $(STAMP) ## counts, each run's status and the time left: make status EXP=outputs/<name>
 	@test -n "$(EXP)" || { echo "usage: make status EXP=outputs/<name>"; exit 2; }

@@ -55,6 +55,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `status ... | head`: the reader left; that is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+def _main(argv) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
@@ -93,7 +101,10 @@ def _run(cfg: config.Config, args) -> int:
         for job in jobs:
             swept = " ".join(f"{k}={v}" for k, v in job.label.items())
             print(f"{job.run_id}  {swept}".rstrip())
-        print(f"# {len(jobs)} run(s) in {runs.experiment_dir(cfg)}", file=sys.stderr)
+        exp = runs.experiment_dir(cfg)
+        holder = runs.holder_of(exp / ".lock")
+        busy = f"; in use by {holder}" if holder else ""
+        print(f"# {len(jobs)} run(s) in {exp}{busy}", file=sys.stderr)
         return EXIT_OK
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
     exp = runs.experiment_dir(cfg)
@@ -169,13 +180,12 @@ def _status(exp: Path) -> int:
     rows = runs.experiment_rows(exp)
     if not rows:
         raise config.ConfigError(f"{exp}: no runs here (is it <output_dir>/<name>?)")
-    try:
-        with runs.Lock(exp / ".lock", "experiment"):
-            holder = "not running"
-    except runs.Locked as e:
-        holder = str(e).replace("experiment is in use by", "running:")
+    holder = runs.holder_of(exp / ".lock")
+    for row in rows:  # marked running, yet no process holds it: killed without a word
+        if row["status"] == "running" and runs.holder_of(exp / ".locks" / row["run_id"]) is None:
+            row["status"] = "killed"
     counts = Counter(row["status"] for row in rows)
-    print(f"{exp}: {len(rows)} run(s), {holder}")
+    print(f"{exp}: {len(rows)} run(s), " + (f"running: {holder}" if holder else "not running"))
     print("  " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     width = max(len(row["run_id"]) for row in rows)
     for row in rows:
@@ -187,6 +197,9 @@ def _status(exp: Path) -> int:
         print(f"{line}  {swept}".rstrip() + (f"  ({row['error']})" if row["error"] else ""))
     eta = _time_left(rows, runs.read_plan(exp).get("workers", 1))
     print(f"  time left: {eta}")
+    if counts["killed"]:
+        print("  (killed: its process died mid-run; the same run command resumes it from its "
+              "last checkpoint)")
     older = runs.unplanned_runs(exp)
     if older:
         print(f"  ({len(older)} older run folder(s) here are not in the current plan: "

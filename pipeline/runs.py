@@ -162,6 +162,22 @@ class Lock:
         os.close(self.fd)  # closing releases the lock
 
 
+def holder_of(path) -> str | None:
+    """Who holds the lock at `path` (the text its holder wrote), or None if nobody does.
+    Takes nothing: a shared flock conflicts with the holder's exclusive one, and is dropped."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.read(fd, 500).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)  # closing drops a shared lock we got
+    return None
+
+
 # --------------------------------------------------------------------------- experiments
 # An experiment is `<output_dir>/<name>/`: its runs' folders, plan.json (the runs the last
 # command planned, so that runs not yet started are known), runs.csv and experiment.log.

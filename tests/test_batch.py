@@ -265,33 +265,42 @@ def test_sigkill_mid_batch_then_the_same_command_finishes_each_run_once(tmp_path
     first = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(path)], cwd=ROOT,
                              env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True)
-    wait_for(lambda: trace_length(exp, ids[1]) >= 12, first, "the second run's 12th step")
+    wait_for(lambda: trace_length(exp, ids[1]) >= 3, first, "the second run to start")
 
     # A second invocation meanwhile is refused, names the holder and changes nothing.
     second = run_cli("run", path)
     assert second.returncode == 3, second.stderr
     assert f"pid {first.pid}" in second.stderr and str(exp) in second.stderr
+    watching = run_cli("status", exp).stdout
+    assert f"running: pid {first.pid}" in watching
+    status = {run_id: line.split()[0] for line in watching.splitlines()
+              for run_id in ids if run_id in line}
+    assert status[ids[0]] == "completed" and status[ids[2]] in ("pending", "running")
 
+    wait_for(lambda: trace_length(exp, ids[2]) >= 12, first, "the third run's 12th step")
     first.kill()  # SIGKILL: no handler runs, nothing is saved on the way out
     first.communicate(timeout=60)
-    assert json.loads((exp / ids[1] / "metrics.json").read_text())["status"] == "running"
+    assert json.loads((exp / ids[2] / "metrics.json").read_text())["status"] == "running"
     # Every file is whole (a kill during a write can only leave a `.*.tmp` beside it).
     for saved in exp.rglob("*.json"):
         json.loads(saved.read_text())
     for png in exp.rglob("*.png"):
         Image.open(png).load()
-    checkpoint = json.loads((exp / ids[1] / "metrics.json").read_text())["iterations"]
+    checkpoint = json.loads((exp / ids[2] / "metrics.json").read_text())["iterations"]
     assert checkpoint >= 10 and checkpoint % 5 == 0
-    finished = mtimes(exp / ids[0])
+    after = run_cli("status", exp).stdout
+    assert "not running" in after
+    (line,) = [line for line in after.splitlines() if ids[2] in line]
+    assert line.split()[0] == "killed" and f"{checkpoint}/40" in line
+    finished = {run_id: mtimes(exp / run_id) for run_id in ids[:2]}
 
     again = run_cli("run", path)
     assert again.returncode == 0, again.stderr
-    assert "2 completed, 0 failed, 0 interrupted, 1 skipped" in again.stderr
-    assert mtimes(exp / ids[0]) == finished  # the run done before the kill: untouched
+    assert "1 completed, 0 failed, 0 interrupted, 2 skipped" in again.stderr
+    assert {run_id: mtimes(exp / run_id) for run_id in ids[:2]} == finished  # untouched
     found = metrics_of(exp)
     assert {found[i]["status"] for i in ids} == {"completed"}
-    assert found[ids[1]]["resumed_from"] == checkpoint
-    assert found[ids[2]]["resumed_from"] is None
+    assert found[ids[2]]["resumed_from"] == checkpoint
     for run_id in ids:  # each run's trace counts every iteration exactly once
         trace = RunFolder(exp / run_id).read_trace()
         assert [row["iteration"] for row in trace] == list(range(1, 41))
