@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +28,30 @@ def write_image(path, shape, seed=0):
     pixels = np.clip(pixels + rng.normal(0, 10, pixels.shape), 0, 255).astype(np.uint8)
     Image.fromarray(pixels).save(path)
     return Path(path)
+
+
+def write_config(folder, name="tiny", **extra):
+    """A small run's YAML (random weights, 32 px, 12 iterations) beside its two images;
+    `extra` keys replace the defaults."""
+    images = folder / "images"
+    images.mkdir(exist_ok=True)
+    write_image(images / "content.png", (40, 48), seed=1)
+    write_image(images / "style.png", (32, 32), seed=2)
+    data = {
+        "name": name,
+        "output_dir": "out",
+        "content": "images/content.png",
+        "style": "images/style.png",
+        "size": 32,
+        "model": {"weights": "random"},
+        "optimizer": {"iterations": 12},
+        "checkpoint_every": 5,
+        "log_every": 4,
+        **extra,
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
 
 
 @pytest.fixture

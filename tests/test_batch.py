@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, cli_env, run_cli, write_image
+from conftest import ROOT, cli_env, run_cli, write_config, write_image
 from PIL import Image
 
 from pipeline import batch, config
@@ -21,27 +21,10 @@ TERMS = ("total", "content", "style", "tv")
 
 
 def write_sweep(folder, name, sweep=None, **extra):
-    images = folder / "images"
-    images.mkdir(exist_ok=True)
-    write_image(images / "content.png", (30, 36), seed=1)
-    write_image(images / "style.png", (24, 24), seed=2)
-    data = {
-        "name": name,
-        "output_dir": "out",
-        "content": "images/content.png",
-        "style": "images/style.png",
-        "size": 24,
-        "model": {"weights": "random"},
-        "optimizer": {"iterations": 6},
-        "checkpoint_every": 3,
-        "log_every": 3,
-        **extra,
-    }
-    if sweep:
-        data["sweep"] = sweep
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    """A tiny batch: 24 px, 6 iterations, a checkpoint every 3; `sweep` makes it many runs."""
+    settings = {"size": 24, "optimizer": {"iterations": 6}, "checkpoint_every": 3,
+                "log_every": 3, **({"sweep": sweep} if sweep else {}), **extra}
+    return write_config(folder, name, **settings)
 
 
 def metrics_of(exp):

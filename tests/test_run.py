@@ -11,35 +11,13 @@ import time
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, cli_env, run_cli, write_image
+from conftest import ROOT, cli_env, run_cli, write_config
 from PIL import Image
 
 from pipeline.images import load_image, read_png_text
 
 METRIC_KEYS = {"status", "run_id", "iterations", "evaluations", "seconds", "initial_loss", "loss"}
 TERMS = {"total", "content", "style", "tv"}
-
-
-def write_config(folder, name="tiny", **extra):
-    images = folder / "images"
-    images.mkdir(exist_ok=True)
-    write_image(images / "content.png", (40, 48), seed=1)
-    write_image(images / "style.png", (32, 32), seed=2)
-    data = {
-        "name": name,
-        "output_dir": "out",
-        "content": "images/content.png",
-        "style": "images/style.png",
-        "size": 32,
-        "model": {"weights": "random"},
-        "optimizer": {"iterations": 12},
-        "checkpoint_every": 5,
-        "log_every": 4,
-        **extra,
-    }
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def only_run(folder, name="tiny", out="out"):
