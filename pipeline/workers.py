@@ -47,7 +47,8 @@ def _init(slots, stop, parent_pid: int, gpus: list[str], threads: int, log_file:
                                f"{'true' if threads > 1 else 'false'}").strip()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     # Ctrl-C reaches every process of the terminal's group: the parent decides, through
-    # `stop`. A SIGTERM sent to this worker alone stops its run the same gentle way.
+    # `stop`. A SIGTERM sent to this worker alone (by a user, or by the pool when another
+    # worker died) stops its run the same gentle way, and then the worker exits.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: _worker.update(terminated=True))
     handlers = [logging.StreamHandler()]
@@ -56,14 +57,15 @@ def _init(slots, stop, parent_pid: int, gpus: list[str], threads: int, log_file:
     logging.basicConfig(level=logging.INFO, handlers=handlers,
                         format=f"%(asctime)s [worker {slot}] %(message)s", datefmt="%H:%M:%S")
     _worker.update(stop=stop, parent=parent_pid, slot=slot)
-    threading.Thread(target=_exit_when_orphaned, daemon=True).start()
+    threading.Thread(target=_exit_when_told_or_orphaned, daemon=True).start()
 
 
-def _exit_when_orphaned() -> None:
-    """A pool worker whose parent died would wait for work forever (it holds its own job
-    queue open). Once orphaned, it lets a run in progress stop and save (see _should_stop),
-    then exits, so that nothing is left holding the GPU or the run's lock."""
-    while os.getppid() == _worker["parent"]:
+def _exit_when_told_or_orphaned() -> None:
+    """A pool worker would otherwise wait for work forever after a SIGTERM or its parent's
+    death (it holds its own job queue open; the pool, joining it, would hang too). It lets a
+    run in progress stop and save (see _should_stop), then exits, so that nothing is left
+    holding the GPU or the run's lock."""
+    while os.getppid() == _worker["parent"] and not _worker.get("terminated"):
         time.sleep(0.5)
     with _busy:
         logging.shutdown()
@@ -93,38 +95,80 @@ def run_pool(jobs, workers: int, stop, log_file: str | None = None):
     """Yield each job's Outcome as it finishes. Once `stop` (a threading.Event, set by a
     signal handler) is set, runs not started are not started, and running ones stop at their
     next evaluation: the loop below passes it on to the workers through a process-shared
-    Event (which a signal handler must not set itself: it takes a lock)."""
+    Event (which a signal handler must not set itself: it takes a lock).
+
+    A worker killed outright (the kernel's out-of-memory killer, most often) breaks a
+    ProcessPoolExecutor for good: every pending future fails and the other workers are sent
+    SIGTERM, which stops and saves their runs. Only the run that was under way in the dead
+    worker is failed; the others go to a fresh pool, the interrupted ones resuming."""
     from pipeline import batch
 
     context = multiprocessing.get_context("spawn")
     shared_stop = context.Event()
-    slots = context.Queue()
-    for slot in range(workers):
-        slots.put(slot)
     gpus = visible_gpus()
     threads = max(1, (os.cpu_count() or 1) // workers)
     log.info("%d workers, %s, %d CPU thread(s) each", workers,
              f"GPUs {','.join(gpus)}" if gpus else "no GPU", threads)
-    with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init,
-                                     initargs=(slots, shared_stop, os.getpid(), gpus, threads,
-                                               log_file)) as pool:
-        pending = {pool.submit(_work, job): job for job in jobs}
-        while pending:
-            done, _ = futures.wait(pending, timeout=0.5, return_when=futures.FIRST_COMPLETED)
-            if stop.is_set():
-                shared_stop.set()
-                for future in list(pending):
-                    if future.cancel():
-                        del pending[future]
-            for future in done:
-                job = pending.pop(future)
-                try:
-                    outcome = future.result()
+    todo = list(jobs)
+    for _ in range(len(jobs)):  # each broken pool fails at least one run, or no more pools
+        slots = context.Queue()
+        for slot in range(workers):
+            slots.put(slot)
+        broken, started = [], time.time()
+        with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init,
+                                         initargs=(slots, shared_stop, os.getpid(), gpus,
+                                                   threads, log_file)) as pool:
+            pending = {pool.submit(_work, job): job for job in todo}
+            while pending:
+                done, _ = futures.wait(pending, timeout=0.5, return_when=futures.FIRST_COMPLETED)
+                if stop.is_set():
+                    shared_stop.set()
+                    for future in list(pending):
+                        if future.cancel():
+                            del pending[future]
+                for future in done:
+                    job = pending.pop(future)
+                    try:
+                        outcome = future.result()
+                    except futures.process.BrokenProcessPool:
+                        broken.append(job)  # judged once the other workers have saved
+                        continue
+                    except Exception as e:  # run_one records its own failures; not this one
+                        outcome = batch.Outcome(job.run_id, "failed", batch.folder_of(job),
+                                                f"{type(e).__name__}: {e}")
                     if outcome is not None:
                         yield outcome
-                except futures.process.BrokenProcessPool:  # killed: the OOM killer, ...
-                    yield batch.Outcome(job.run_id, "failed", batch.folder_of(job),
-                                        "its worker process died (out of memory?)")
-                except Exception as e:  # run_one records its own failures; this is not one
-                    yield batch.Outcome(job.run_id, "failed", batch.folder_of(job),
-                                        f"{type(e).__name__}: {e}")
+        # Leaving the `with` joined every worker: the survivors' runs are saved by now.
+        again = []
+        for job in broken:
+            outcome = _after_broken_pool(job, stop, started)
+            if outcome is None:
+                again.append(job)
+            else:
+                yield outcome
+        if not again or stop.is_set():
+            return
+        log.info("a worker died; starting a new pool for the %d run(s) left", len(again))
+        todo = again
+
+
+def _after_broken_pool(job, stop, pool_started: float):
+    """The outcome of a job whose pool broke, read from its folder, or None to run it again."""
+    from pipeline import batch
+
+    folder = batch.folder_of(job)
+    metrics = folder.read_metrics() or {}
+    status = metrics.get("status")
+    if status == "completed":
+        return batch.Outcome(job.run_id, "completed", folder, "")
+    # Under way in the worker that died without a word (not left `running` by a kill before
+    # this pool started: that one resumes).
+    if status == "running" and folder.metrics.stat().st_mtime >= pool_started:
+        error = batch.describe_error(
+            MemoryError("its worker process was killed, most likely by the out-of-memory "
+                        "killer"), job.cfg)
+        folder.write_metrics({**metrics, "status": "failed", "error": error})
+        return batch.Outcome(job.run_id, "failed", folder, error)
+    if status == "interrupted" and stop.is_set():
+        return batch.Outcome(job.run_id, "interrupted", folder, "")
+    return None  # not started, or stopped by the pool's SIGTERM: a fresh pool runs it

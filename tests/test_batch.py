@@ -4,6 +4,8 @@ processes, and the table, status and report they leave behind."""
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +16,7 @@ import yaml
 from conftest import ROOT, cli_env, run_cli, write_config, write_image
 from PIL import Image
 
-from pipeline import batch, config
+from pipeline import batch, config, runs
 from pipeline.runs import RunFolder
 
 TERMS = ("total", "content", "style", "tv")
@@ -317,3 +319,32 @@ def test_workers_share_the_batch_and_survive_their_parent_being_killed(tmp_path)
     assert "[worker 0]" in (exp / "experiment.log").read_text()
     assert "[worker 1]" in (exp / "experiment.log").read_text()
     assert any(found[i]["resumed_from"] for i in ids[:2])
+
+
+def test_a_worker_killed_outright_fails_only_its_own_run(tmp_path):
+    """The out-of-memory killer's SIGKILL breaks a process pool for good; the batch must
+    fail the run that was in the dead worker and finish every other."""
+    path = write_sweep(tmp_path, "oom", sweep={"loss.tv_weight": [0.01, 0.1, 1.0, 10.0]},
+                       size=32, optimizer={"iterations": 30}, checkpoint_every=5)
+    exp = tmp_path / "out" / "oom"
+    ids = [job.run_id for job in batch.plan(config.load(path))]
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(path), "--workers", "2"], cwd=ROOT,
+        env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: min(trace_length(exp, i) for i in ids[:2]) >= 3, parent,
+             "both workers' runs to start")
+    holder = runs.holder_of(exp / ".locks" / ids[0])  # "pid N on host since ..."
+    victim = int(holder.split()[1])
+    assert victim != parent.pid
+    os.kill(victim, signal.SIGKILL)
+    _, stderr = parent.communicate(timeout=300)
+    assert parent.returncode == 1, stderr
+    assert "3 completed, 1 failed" in stderr
+    found = metrics_of(exp)
+    assert found[ids[0]]["status"] == "failed"
+    assert "out of memory at size 32" in found[ids[0]]["error"]
+    for run_id in ids[1:]:
+        assert found[run_id]["status"] == "completed"
+        trace = RunFolder(exp / run_id).read_trace()
+        assert [row["iteration"] for row in trace] == list(range(1, 31))
+    assert "a worker died; starting a new pool" in (exp / "experiment.log").read_text()
