@@ -105,10 +105,9 @@ def run_one(
     folder = folder_of(job)
     if (folder.read_metrics() or {}).get("status") == "completed":
         return Outcome(job.run_id, "skipped", folder, "already completed")
-    lock = folder.path.parent / ".locks" / job.run_id
     try:
         # Waits for a run still held by a dying process (an orphaned worker saving its state).
-        with runs.Lock(lock, f"run {job.run_id}", wait=120):
+        with runs.Lock(folder.lock, f"run {job.run_id}", wait=120):
             return _run_locked(job, folder, on_step, should_stop)
     except runs.Locked as e:
         return Outcome(job.run_id, "failed", folder, str(e))

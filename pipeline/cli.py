@@ -97,17 +97,16 @@ def _validate(cfg: config.Config) -> int:
 
 def _run(cfg: config.Config, args) -> int:
     jobs = batch.plan(cfg)
+    exp = runs.experiment_dir(cfg)
     if args.dry_run:
         for job in jobs:
             swept = " ".join(f"{k}={v}" for k, v in job.label.items())
             print(f"{job.run_id}  {swept}".rstrip())
-        exp = runs.experiment_dir(cfg)
         holder = runs.holder_of(exp / ".lock")
         busy = f"; in use by {holder}" if holder else ""
         print(f"# {len(jobs)} run(s) in {exp}{busy}", file=sys.stderr)
         return EXIT_OK
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
-    exp = runs.experiment_dir(cfg)
     with runs.Lock(exp / ".lock", f"experiment {exp}"):
         runs.remove_stale_temporaries(exp)
         log_file = exp / "experiment.log"
@@ -181,9 +180,6 @@ def _status(exp: Path) -> int:
     if not rows:
         raise config.ConfigError(f"{exp}: no runs here (is it <output_dir>/<name>?)")
     holder = runs.holder_of(exp / ".lock")
-    for row in rows:  # marked running, yet no process holds it: killed without a word
-        if row["status"] == "running" and runs.holder_of(exp / ".locks" / row["run_id"]) is None:
-            row["status"] = "killed"
     counts = Counter(row["status"] for row in rows)
     print(f"{exp}: {len(rows)} run(s), " + (f"running: {holder}" if holder else "not running"))
     print("  " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))

@@ -22,25 +22,27 @@ def write_report(exp: Path) -> list[Path]:
     rows = runs.experiment_rows(exp)
     keys = sorted({key for row in rows for key in row["swept"]})
     for row in rows:
-        if row["folder"].read_trace():
-            plot_losses(row["folder"], row["run_id"])
-    sheet = exp / "contact_sheet.png"
-    images.atomic_write(sheet, _png_bytes(contact_sheet(rows, keys)))
+        trace = row["folder"].read_trace()
+        if trace:
+            plot_losses(row["folder"], trace, row["run_id"])
+    # Each result decoded and scaled once, for both the sheet and the page.
+    thumbs = {row["run_id"]: _fit(row["result"], THUMB) for row in rows if row["result"]}
+    sheet, sheet_png = exp / "contact_sheet.png", _png_bytes(contact_sheet(rows, keys, thumbs))
+    images.atomic_write(sheet, sheet_png)
     page = exp / "report.html"
-    images.atomic_write(page, render_html(exp, rows, keys, sheet))
+    images.atomic_write(page, render_html(exp, rows, keys, thumbs, sheet, sheet_png))
     return [page, sheet]
 
 
 # --------------------------------------------------------------------------- loss curves
 
 
-def plot_losses(folder: runs.RunFolder, title: str) -> Path:
+def plot_losses(folder: runs.RunFolder, trace: list[dict], title: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    trace = folder.read_trace()
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
     steps = [row["iteration"] for row in trace]
     for term in ("total", "content", "style", "tv"):
@@ -99,7 +101,8 @@ def _font(size=13):
         return ImageFont.load_default()
 
 
-def contact_sheet(rows: list[dict], keys: list[str]) -> Image.Image:
+def contact_sheet(rows: list[dict], keys: list[str], thumbs: dict[str, Image.Image]
+                  ) -> Image.Image:
     row_labels, col_labels, place = _axes(rows, keys)
     font = _font()
     pad, head, side = 8, 34, (150 if any(row_labels) else 0)
@@ -114,8 +117,8 @@ def contact_sheet(rows: list[dict], keys: list[str]) -> Image.Image:
     for row in rows:
         r, c = place(row)
         x, y = side + pad + col_labels.index(c) * cell, head + row_labels.index(r) * cell
-        if row["result"]:
-            sheet.paste(_fit(row["result"], THUMB), (x, y))
+        if row["run_id"] in thumbs:
+            sheet.paste(thumbs[row["run_id"]], (x, y))
         else:
             draw.rectangle((x, y, x + THUMB, y + THUMB), fill=(225, 225, 225))
             draw.text((x + 10, y + THUMB // 2), row["status"], fill="black", font=font)
@@ -140,10 +143,8 @@ def _png_bytes(image: Image.Image) -> bytes:
 # --------------------------------------------------------------------------- the page
 
 
-def _data_uri(path: Path, size: int | None = THUMB) -> str:
-    image = _fit(path, size) if size else Image.open(path)
-    data = base64.b64encode(_png_bytes(image)).decode()
-    return f"data:image/png;base64,{data}"
+def _data_uri(png: bytes) -> str:
+    return f"data:image/png;base64,{base64.b64encode(png).decode()}"
 
 
 _STYLE = """
@@ -152,17 +153,18 @@ h1 { font-size: 20px; } h2 { font-size: 16px; margin-top: 28px; }
 .grid { display: flex; flex-wrap: wrap; gap: 14px; }
 .card { border: 1px solid #ddd; border-radius: 6px; padding: 8px; width: 260px; }
 .card img { max-width: 100%; display: block; margin-bottom: 6px; }
-.failed { border-color: #d33; } .pending, .running, .interrupted { border-color: #e9a23b; }
+.failed, .killed { border-color: #d33; }
+.pending, .running, .interrupted { border-color: #e9a23b; }
 table { border-collapse: collapse; } td { padding: 1px 8px 1px 0; }
 .muted { color: #777; } .sheet { max-width: 100%; }
 """
 
 
-def _card(exp: Path, row: dict, keys: list[str]) -> str:
+def _card(row: dict, keys: list[str], thumb: Image.Image | None) -> str:
     e = html.escape
     rel = Path(row["folder"].path.name)
     picture = (f'<a href="{e(str(rel / "result.png"))}"><img alt="result" '
-               f'src="{_data_uri(Path(row["result"]))}"></a>' if row["result"] else "")
+               f'src="{_data_uri(_png_bytes(thumb))}"></a>' if thumb is not None else "")
     values = "".join(f"<tr><td>{e(_leaf(k))}</td><td>{e(_value(row, k))}</td></tr>"
                      for k in keys)
     losses = "".join(f"<tr><td>{term}</td><td>{row[term]:.4g}</td></tr>"
@@ -177,7 +179,8 @@ def _card(exp: Path, row: dict, keys: list[str]) -> str:
             f'{row["iterations"]} iterations{seconds}</div>{error}<div>{links}</div></div>')
 
 
-def render_html(exp: Path, rows: list[dict], keys: list[str], sheet: Path) -> str:
+def render_html(exp: Path, rows: list[dict], keys: list[str], thumbs: dict[str, Image.Image],
+                sheet: Path, sheet_png: bytes) -> str:
     e = html.escape
     groups: dict[str, list[dict]] = {}
     for row in rows:  # grouped by the first swept key, the others shown on each card
@@ -187,7 +190,8 @@ def render_html(exp: Path, rows: list[dict], keys: list[str], sheet: Path) -> st
                        for s in sorted({r["status"] for r in rows}))
     sections = "".join(
         f"<h2>{e(title)}</h2><div class='grid'>"
-        + "".join(_card(exp, row, keys[1:] if keys else []) for row in group) + "</div>"
+        + "".join(_card(row, keys[1:] if keys else [], thumbs.get(row["run_id"]))
+                  for row in group) + "</div>"
         for title, group in groups.items())
     swept = ", ".join(keys) if keys else "nothing"
     return f"""<!doctype html>
@@ -196,7 +200,7 @@ def render_html(exp: Path, rows: list[dict], keys: list[str], sheet: Path) -> st
 <h1>{e(exp.name)}</h1>
 <p>{len(rows)} run(s): {e(counts)}. Swept: {e(swept)}. Table: <a href="runs.csv">runs.csv</a>.
 Losses are the unweighted terms; total is the weighted sum.</p>
-<a href="{e(sheet.name)}"><img class="sheet" alt="contact sheet" src="{_data_uri(sheet, None)}"></a>
+<a href="{e(sheet.name)}"><img class="sheet" alt="contact sheet" src="{_data_uri(sheet_png)}"></a>
 {sections}
 </body></html>
 """

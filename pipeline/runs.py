@@ -30,6 +30,8 @@ class RunFolder:
         self.trace = self.path / "trace.jsonl"
         self.checkpoints = self.path / "checkpoints"
         self.state = self.checkpoints / "state.npz"  # the latest iterate, float32, to resume
+        # Outside the run's folder, so that taking the lock creates nothing inside it.
+        self.lock = self.path.parent / ".locks" / self.path.name
 
     @classmethod
     def for_config(cls, cfg: config.Config, run_id: str) -> RunFolder:
@@ -149,9 +151,9 @@ class Lock:
                 if time.monotonic() < deadline:
                     time.sleep(0.2)
                     continue
-                holder = os.read(fd, 500).decode(errors="replace").strip()
+                holder = _holder_text(fd)
                 os.close(fd)
-                raise Locked(f"{self.what} is in use by {holder or 'another process'}") from None
+                raise Locked(f"{self.what} is in use by {holder}") from None
         os.ftruncate(fd, 0)
         started = time.strftime("%Y-%m-%d %H:%M:%S")
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}\n".encode())
@@ -160,6 +162,10 @@ class Lock:
 
     def __exit__(self, *exc):
         os.close(self.fd)  # closing releases the lock
+
+
+def _holder_text(fd: int) -> str:
+    return os.read(fd, 500).decode(errors="replace").strip() or "another process"
 
 
 def holder_of(path) -> str | None:
@@ -172,7 +178,7 @@ def holder_of(path) -> str | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return os.read(fd, 500).decode(errors="replace").strip() or "another process"
+        return _holder_text(fd)
     finally:
         os.close(fd)  # closing drops a shared lock we got
     return None
@@ -199,7 +205,8 @@ def read_plan(exp_dir: Path) -> dict:
 
 def experiment_rows(exp_dir: Path) -> list[dict]:
     """One row per run of the experiment's plan (the runs the last command planned), from
-    each run's metrics.json (the source of truth); runs not started yet are `pending`.
+    each run's metrics.json (the source of truth); runs not started yet are `pending`, and
+    runs marked `running` that no process holds are `killed` (SIGKILL, the OOM killer).
     Folders of runs an edited config no longer plans are left out (see unplanned_runs); with
     no plan at all, every run folder found is a row."""
     exp_dir = Path(exp_dir)
@@ -210,9 +217,12 @@ def experiment_rows(exp_dir: Path) -> list[dict]:
         metrics = folder.read_metrics() or {}
         job = planned.get(run_id, {})
         loss = metrics.get("loss") or {}
+        status = metrics.get("status", "pending")
+        if status == "running" and holder_of(folder.lock) is None:
+            status = "killed"
         rows.append({
             "run_id": run_id,
-            "status": metrics.get("status", "pending"),
+            "status": status,
             "swept": job.get("label", metrics.get("swept", {})),
             "total": loss.get("total"),
             "content": loss.get("content"),

@@ -57,6 +57,25 @@ def trace_length(exp, run_id):
     return len(RunFolder(exp / run_id).read_trace())
 
 
+def start_batch(path, *args):
+    """`python -m pipeline run PATH ARGS` in the background; stderr kept for the end."""
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(path), *args],
+                            cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def start_pool(folder, name):
+    """A 4-run sweep under way with --workers 2, once each worker's run has begun."""
+    path = write_sweep(folder, name, sweep={"loss.tv_weight": [0.01, 0.1, 1.0, 10.0]},
+                       size=32, optimizer={"iterations": 30}, checkpoint_every=5)
+    exp = folder / "out" / name
+    ids = [job.run_id for job in batch.plan(config.load(path))]
+    parent = start_batch(path, "--workers", "2")
+    wait_for(lambda: min(trace_length(exp, i) for i in ids[:2]) >= 3, parent,
+             "both workers' runs to start")
+    return path, exp, ids, parent
+
+
 # --------------------------------------------------------------------------- a 2x2 sweep
 
 
@@ -247,9 +266,7 @@ def test_sigkill_mid_batch_then_the_same_command_finishes_each_run_once(tmp_path
                        size=32, optimizer={"iterations": 40}, checkpoint_every=5)
     exp = tmp_path / "out" / "night"
     ids = [job.run_id for job in batch.plan(config.load(path))]
-    first = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(path)], cwd=ROOT,
-                             env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True)
+    first = start_batch(path)
     wait_for(lambda: trace_length(exp, ids[1]) >= 3, first, "the second run to start")
 
     # A second invocation meanwhile is refused, names the holder and changes nothing.
@@ -295,16 +312,7 @@ def test_sigkill_mid_batch_then_the_same_command_finishes_each_run_once(tmp_path
 
 
 def test_workers_share_the_batch_and_survive_their_parent_being_killed(tmp_path):
-    path = write_sweep(tmp_path, "pool", sweep={"loss.tv_weight": [0.01, 0.1, 1.0, 10.0]},
-                       size=32, optimizer={"iterations": 30}, checkpoint_every=5)
-    exp = tmp_path / "out" / "pool"
-    ids = [job.run_id for job in batch.plan(config.load(path))]
-    parent = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", str(path), "--workers", "2"], cwd=ROOT,
-        env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    # Two runs under way at once: one per worker.
-    wait_for(lambda: min(trace_length(exp, i) for i in ids[:2]) >= 3, parent,
-             "both workers' runs to start")
+    path, exp, ids, parent = start_pool(tmp_path, "pool")  # two runs at once, one per worker
     parent.kill()
     parent.communicate(timeout=120)  # EOF on stderr: the orphaned workers have exited too
     # The orphaned workers notice, stop their runs at the next evaluation and save them;
@@ -324,15 +332,7 @@ def test_workers_share_the_batch_and_survive_their_parent_being_killed(tmp_path)
 def test_a_worker_killed_outright_fails_only_its_own_run(tmp_path):
     """The out-of-memory killer's SIGKILL breaks a process pool for good; the batch must
     fail the run that was in the dead worker and finish every other."""
-    path = write_sweep(tmp_path, "oom", sweep={"loss.tv_weight": [0.01, 0.1, 1.0, 10.0]},
-                       size=32, optimizer={"iterations": 30}, checkpoint_every=5)
-    exp = tmp_path / "out" / "oom"
-    ids = [job.run_id for job in batch.plan(config.load(path))]
-    parent = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", str(path), "--workers", "2"], cwd=ROOT,
-        env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: min(trace_length(exp, i) for i in ids[:2]) >= 3, parent,
-             "both workers' runs to start")
+    _, exp, ids, parent = start_pool(tmp_path, "oom")
     holder = runs.holder_of(exp / ".locks" / ids[0])  # "pid N on host since ..."
     victim = int(holder.split()[1])
     assert victim != parent.pid
