@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import math
 import os
 import re
 import types
@@ -60,8 +61,8 @@ class ModelConfig:
 class LossConfig:
     # The objective uses means, not the paper's sums, so these weights carry across image
     # sizes. The defaults are a starting point, converted by hand from the keras.io VGG19
-    # example's weights to this objective (not tuned on ImageNet weights: this project's
-    # workplace has no network). style_weight / content_weight sets how painterly it gets.
+    # example's weights to this objective. style_weight / content_weight sets how painterly
+    # it gets.
     content_weight: float = 1.0
     style_weight: float = 1e-2
     tv_weight: float = 1e-1
@@ -71,6 +72,14 @@ class LossConfig:
 class OptimizerConfig:
     iterations: int = 500  # L-BFGS-B iterations (each takes one or more evaluations)
     history: int = 10  # L-BFGS memory: corrections kept (scipy's m)
+    # Early stops, off by default: users ask for `iterations` and expect that many. The terms
+    # are means, so per-pixel gradients are tiny and scipy's own defaults (factr 1e7, pgtol
+    # 1e-5) end runs after a few iterations (jcjohnson/neural-style sets tolX/tolFun to -1 for
+    # the same reason). ftol: stop when the loss's relative reduction per iteration falls
+    # below it (scipy's ftol = factr * machine epsilon); gtol: when every projected gradient
+    # entry is below it (scipy's pgtol).
+    ftol: float = 0.0
+    gtol: float = 0.0
 
 
 @dataclass
@@ -78,7 +87,9 @@ class Config:
     name: str = "stylize"
     output_dir: str = "outputs"
     content: str = ""
-    style: list[str] = field(default_factory=list)
+    # One path or glob (a glob makes one run per match), or a list of paths and globs whose
+    # matches are all blended in one run. Each run's own config holds a list.
+    style: str | list[str] = field(default_factory=list)
     style_blend: list[float] | None = None  # one weight per style image; None: equal
     size: int = 512  # long side of the generated image, in pixels
     init: str = "content"  # content | noise | style | an image path
@@ -248,7 +259,9 @@ def _resolve_paths(raw: dict, relative_to: Path, source: str) -> None:
 
 
 def _is_glob(path: str) -> bool:
-    return any(ch in path for ch in "*?[")
+    """A pattern to expand: glob characters, and not the name of a file that exists (an
+    existing `trip[1].png` is that file; `trip[[]1].png` is the pattern that matches it)."""
+    return any(ch in path for ch in "*?[") and not os.path.isfile(path)
 
 
 def expand_glob(pattern: str, key: str) -> list[str]:
@@ -274,7 +287,7 @@ def apply_override(raw: dict, assignment: str) -> None:
     if key not in known:
         raise ConfigError(f"--set {key}: {_unknown(key, known)}")
     value = parse_yaml(text, f"--set {key}")
-    if key in PATH_KEYS:
+    if key in PATH_KEYS or key == "sweep":  # `--set sweep={content: [...]}` holds paths too
         wrapper: dict = {}
         _set_dotted(wrapper, key, value)
         _resolve_paths(wrapper, Path.cwd(), "--set")
@@ -316,8 +329,12 @@ def _coerce(value, hint, key: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) > 1:  # `str | list[str]`: a list stays a list, anything else a str
+            listed = [a for a in inner if typing.get_origin(a) is list]
+            plain = [a for a in inner if typing.get_origin(a) is not list]
+            inner = listed if isinstance(value, list) else plain
+        return _coerce(value, inner[0], key)
     if origin is list:
         (item,) = args
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -347,6 +364,8 @@ def _coerce(value, hint, key: str):
                 pass
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {_describe(value)}")
+        if not math.isfinite(value):  # .inf and .nan are YAML numbers; no weight means them
+            raise ConfigError(f"{key}: expected a finite number, got {value}")
         return float(value)
     if hint is str:
         if not isinstance(value, str) or not value:
@@ -390,7 +409,8 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"{key}: {message}")
 
     need(bool(cfg.content), "content", "missing: the path of the content image")
-    need(bool(cfg.style), "style", "missing: the path of at least one style image")
+    styles = style_list(cfg.style)
+    need(bool(styles), "style", "missing: the path of at least one style image")
     need(16 <= cfg.size <= MAX_SIZE, "size", f"must be between 16 and {MAX_SIZE} pixels")
     need(cfg.optimizer.iterations >= 1, "optimizer.iterations", "must be at least 1")
     need(cfg.optimizer.history >= 1, "optimizer.history", "must be at least 1")
@@ -414,8 +434,9 @@ def _check(cfg: Config) -> None:
             need(layer in VGG19_CONV_LAYERS, key, f"'{layer}' is not a VGG19 conv layer{hint}")
         _check_weights(getattr(cfg.model, f"{group}_layer_weights"), len(layers),
                        f"model.{group}_layer_weights", f"{group}_layers")
-    _check_weights(cfg.style_blend, len(cfg.style), "style_blend", "style images")
-    for key, paths in (("content", [cfg.content]), ("style", cfg.style)):
+    if not any(_is_glob(s) for s in styles):  # else checked per run, once globs are expanded
+        _check_weights(cfg.style_blend, len(styles), "style_blend", "style images")
+    for key, paths in (("content", [cfg.content]), ("style", styles)):
         for p in paths:
             if _is_glob(p):
                 expand_glob(p, key)  # a glob must match something: an error names the key
@@ -434,6 +455,10 @@ def _check(cfg: Config) -> None:
              "cannot be swept: the runs of one config share one experiment folder")
         need(isinstance(values, list) and len(values) > 0, f"sweep.{key}",
              "must be a non-empty list of values")
+
+
+def style_list(style: str | list[str]) -> list[str]:
+    return [style] if isinstance(style, str) else list(style)
 
 
 def _check_weights(weights, count: int, key: str, what: str) -> None:
@@ -473,7 +498,8 @@ def expand(cfg: Config) -> list[tuple[dict, Config]]:
     """The single runs a config describes, in a stable order, each with the values that
     distinguish it: the cartesian product of the sweep (keys sorted, so their order in the
     file does not matter), then each content match with each style match. A `style` given as
-    one glob string makes one run per painting; a list of styles is blended in one run.
+    one string makes one run per file its glob matches; the matches of a list of styles (globs
+    included) are blended in one run.
     """
     base = to_dict(cfg)
     base["sweep"] = {}
@@ -485,11 +511,10 @@ def expand(cfg: Config) -> list[tuple[dict, Config]]:
             _set_dotted(raw, key, value)
         swept = dict(zip(keys, values))
         contents = expand_glob(raw["content"], "content")
-        styles = raw["style"] if isinstance(raw["style"], list) else [raw["style"]]
-        if len(styles) == 1 and len(expand_glob(styles[0], "style")) > 1:
-            style_sets = [[s] for s in expand_glob(styles[0], "style")]
+        if isinstance(raw["style"], str):
+            style_sets = [[s] for s in expand_glob(raw["style"], "style")]
         else:
-            style_sets = [[m for s in styles for m in expand_glob(s, "style")]]
+            style_sets = [[m for s in raw["style"] for m in expand_glob(s, "style")]]
         for content, style in itertools.product(contents, style_sets):
             one = dict(raw, content=content, style=style)
             label = dict(swept)
@@ -509,12 +534,21 @@ def to_yaml(data: dict) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
 
 
+_DIGESTS: dict[tuple, str] = {}  # (real path, size, mtime) -> sha256 of the bytes
+
+
 def _file_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """The file's sha256, read once per process: a sweep of many runs over one 80 MB weights
+    file hashes it once. An edit changes the size or the modification time, and so the key."""
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
 
 
 def config_hash(cfg: Config) -> str:
@@ -527,12 +561,11 @@ def config_hash(cfg: Config) -> str:
     for key in UNHASHED_KEYS:
         data.pop(key)
     data["content"] = _file_digest(cfg.content)
-    data["style"] = [_file_digest(s) for s in cfg.style]
+    data["style"] = [_file_digest(s) for s in style_list(cfg.style)]
     if cfg.init not in INIT_KINDS:
         data["init"] = _file_digest(cfg.init)
-    if cfg.model.weights not in WEIGHT_KINDS:
-        weights = Path(cfg.model.weights)
-        data["model"]["weights"] = f"{weights.name}:{weights.stat().st_size}"
+    if cfg.model.weights not in WEIGHT_KINDS:  # by content: two files may share a name
+        data["model"]["weights"] = _file_digest(cfg.model.weights)
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 

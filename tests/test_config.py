@@ -79,9 +79,12 @@ def test_minimal_config_takes_the_schema_defaults(exp):
     assert cfg.model.content_layer_weights is None and cfg.model.style_layer_weights is None
     assert cfg.init == "content" and cfg.seed == 0
     assert cfg.style_blend is None and cfg.sweep == {}
-    # Paths come back absolute, a single style as a list of one.
+    # Paths come back absolute; a single style stays a string (a glob there would make one
+    # run per match), and the planned run holds it as a list of one.
     assert cfg.content == str((exp / "content.png").resolve())
-    assert cfg.style == [str((exp / "style.png").resolve())]
+    assert cfg.style == str((exp / "style.png").resolve())
+    ((_, run),) = config.expand(cfg)
+    assert run.style == [str((exp / "style.png").resolve())]
 
 
 def test_empty_config_file_complains_about_content(tmp_path):
@@ -233,6 +236,24 @@ def test_number_resolver_leaves_other_scalars_alone():
     assert isinstance(data["a"], int)
 
 
+@pytest.mark.parametrize("extra, key", [
+    ("loss:\n  style_weight: .inf\n", "loss.style_weight"),
+    ("loss:\n  tv_weight: .nan\n", "loss.tv_weight"),
+    ("loss:\n  content_weight: -.inf\n", "loss.content_weight"),
+    ("style_blend: [.nan]\n", "style_blend[0]"),
+    ("model:\n  style_layer_weights: [1, 1, .inf, 1, 1]\n", "model.style_layer_weights[2]"),
+    ("optimizer:\n  ftol: .nan\n", "optimizer.ftol"),
+])
+def test_infinite_and_nan_numbers_are_refused(exp, extra, key):
+    message = load_error(minimal(exp, extra))
+    assert f"{key}: expected a finite number" in message
+
+
+def test_infinite_number_from_set_is_refused(exp):
+    assert "loss.style_weight: expected a finite number" in load_error(
+        minimal(exp), ["loss.style_weight=.inf"])
+
+
 def test_exponent_floats_in_a_config_file(exp):
     cfg = config.load(minimal(exp, """
         loss:
@@ -304,13 +325,13 @@ def test_base_inheritance_merges_and_resolves_against_the_base_file(tmp_path):
     assert cfg.model.style_layers == ["block5_conv1"]  # lists replace, not append
     # Paths written in the base are relative to the base's folder, not the child's.
     assert cfg.content == str((common / "imgs" / "photo.png").resolve())
-    assert cfg.style == [str((common / "paint.png").resolve())]
+    assert cfg.style == str((common / "paint.png").resolve())
 
     grandchild = write(tmp_path / "gc.yaml", "base: experiments/today/child.yaml\nstyle: "
                        "experiments/today/mine.png\nseed: 9\n")
     cfg = config.load(grandchild)
     assert (cfg.size, cfg.seed, cfg.loss.tv_weight) == (128, 9, 0.25)
-    assert cfg.style == [str((child_dir / "mine.png").resolve())]
+    assert cfg.style == str((child_dir / "mine.png").resolve())
     assert cfg.content == str((common / "imgs" / "photo.png").resolve())
 
 
@@ -341,6 +362,22 @@ def test_set_paths_resolve_against_the_working_directory(tmp_path, monkeypatch):
     assert cfg.style == [str((work / "s1.png").resolve()), str((work / "s2.png").resolve())]
 
 
+def test_set_sweep_paths_resolve_against_the_working_directory(tmp_path, monkeypatch):
+    cfg_dir, work = tmp_path / "cfg", tmp_path / "work"
+    png(cfg_dir / "content.png")
+    png(cfg_dir / "style.png")
+    png(work / "a.png", (0, 0, 1))
+    png(work / "b.png", (0, 0, 2))
+    path = minimal(cfg_dir)
+    monkeypatch.chdir(work)
+    cfg = config.load(path, ["sweep={content: [a.png, b.png], style: [[a.png, b.png]]}"])
+    runs = config.expand(cfg)
+    assert [one.content for _, one in runs] == [str(work / "a.png"), str(work / "b.png")]
+    assert all(one.style == [str(work / "a.png"), str(work / "b.png")] for _, one in runs)
+    # What a run's config.yaml records: absolute, so it runs again from anywhere.
+    assert config.to_dict(runs[0][1])["content"] == str(work / "a.png")
+
+
 def test_set_keywords_are_not_paths(exp):
     cfg = config.load(minimal(exp), ["init=noise", "model.weights=random"])
     assert cfg.init == "noise" and cfg.model.weights == "random"
@@ -369,7 +406,7 @@ def test_tilde_expands_to_home(tmp_path, monkeypatch):
     cfg = config.load(write(tmp_path / "elsewhere" / "run.yaml",
                             "content: ~/pics/c.png\nstyle: ~/pics/s.png\n"))
     assert Path(cfg.content) == home / "pics" / "c.png"
-    assert cfg.style == [str(home / "pics" / "s.png")]
+    assert cfg.style == str(home / "pics" / "s.png")
 
 
 def test_pkg_path_points_inside_an_installed_package(exp):
@@ -424,6 +461,47 @@ def test_style_list_is_blended_in_one_run(exp):
     assert label == {}
     assert one.style == [str((exp / "style.png").resolve()), str((exp / "second.png").resolve())]
     assert one.style_blend == [3.0, 1.0]
+
+
+def test_a_list_of_globs_is_blended_in_one_run(exp):
+    png(exp / "paintings" / "monet.png", (1, 100, 1))
+    png(exp / "paintings" / "klimt.png", (100, 1, 1))
+    for listed in ("[paintings/*.png]", "[paintings/*.png, style.png]"):
+        cfg = config.load(write(exp / "run.yaml", f"content: content.png\nstyle: {listed}\n"))
+        (label, one), *more = config.expand(cfg)
+        assert not more and label == {}
+        assert one.style[:2] == [str(exp / "paintings" / "klimt.png"),
+                                 str(exp / "paintings" / "monet.png")]
+
+
+def test_a_blend_weight_per_matched_painting_is_checked_once_globs_are_expanded(exp):
+    png(exp / "paintings" / "monet.png", (1, 100, 1))
+    png(exp / "paintings" / "klimt.png", (100, 1, 1))
+    ok = config.load(write(exp / "ok.yaml", "content: content.png\nstyle: [paintings/*.png]\n"
+                                            "style_blend: [1, 3]\n"))
+    assert config.expand(ok)[0][1].style_blend == [1.0, 3.0]
+    bad = config.load(write(exp / "bad.yaml", "content: content.png\nstyle: [paintings/*.png]\n"
+                                              "style_blend: [1, 2, 3]\n"))
+    with pytest.raises(ConfigError, match="style_blend: has 3 values for 2 style images"):
+        config.expand(bad)
+
+
+@pytest.mark.parametrize("name", ["trip[1].png", "what?.png", "star*.png"])
+def test_an_existing_file_with_glob_characters_is_that_file(exp, name):
+    png(exp / name, (7, 7, 7))
+    png(exp / "tripX.png", (8, 8, 8))  # what the pattern reading would match instead
+    cfg = config.load(write(exp / "run.yaml", f"content: '{name}'\nstyle: '{name}'\n"))
+    ((label, one),) = config.expand(cfg)
+    assert one.content == str(exp / name) and one.style == [str(exp / name)]
+    assert label == {}
+
+
+def test_an_escaped_pattern_matches_a_name_with_brackets(exp):
+    png(exp / "trip[1].png", (7, 7, 7))
+    png(exp / "trip[2].png", (8, 8, 8))
+    cfg = config.load(write(exp / "run.yaml", "content: 'trip[[]*].png'\nstyle: style.png\n"))
+    assert [one.content for _, one in config.expand(cfg)] == [
+        str(exp / "trip[1].png"), str(exp / "trip[2].png")]
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -507,6 +585,30 @@ def test_hash_counts_image_bytes_not_paths(tmp_path):
     a, b = config.load(minimal(here)), config.load(minimal(there))
     assert a.content != b.content
     assert config.run_id(a) == config.run_id(b)
+
+
+def test_weights_files_count_by_their_bytes_not_their_name_and_size(tmp_path):
+    """Two VGG19 files of one name have one size; a run with new weights is a new run."""
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "old" / "vgg19.h5").write_bytes(b"\x01" * 1000)
+    (tmp_path / "new" / "vgg19.h5").write_bytes(b"\x02" * 1000)
+    (tmp_path / "copy" / "vgg19.h5").write_bytes(b"\x01" * 1000)
+    png(tmp_path / "content.png")
+    png(tmp_path / "style.png", (1, 2, 3))
+    path = minimal(tmp_path)
+
+    def ident(folder):
+        return config.run_id(config.load(path, [f"model.weights={tmp_path / folder / 'vgg19.h5'}"]))
+
+    assert ident("old") != ident("new")
+    assert ident("old") == ident("copy")
+    # Rewritten in place with other bytes of the same length: the id follows.
+    before = ident("old")
+    (tmp_path / "old" / "vgg19.h5").write_bytes(b"\x03" * 1000)
+    os.utime(tmp_path / "old" / "vgg19.h5", ns=(1, 1))  # whatever the clock's resolution
+    assert ident("old") != before
 
 
 # --------------------------------------------------------------------------- provenance
