@@ -94,15 +94,24 @@ def minimize(
     on_step: Callable[[Step], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     done: tuple[int, int, float] = (0, 0, 0.0),
+    ftol: float = 0.0,
+    gtol: float = 0.0,
 ) -> Result:
     """Run L-BFGS-B from x0 (H, W, 3) until `iterations` in all, pixels bounded to 0..255.
 
     `done` is (iterations, evaluations, seconds) already spent by an earlier part of this
     run (a resume): they count towards the totals and the budget. The optimiser's memory is
     not saved in checkpoints, so a resumed run rebuilds it: close to, not bit-equal with, an
-    uninterrupted run.
+    uninterrupted run. `ftol` and `gtol` (0: off) are scipy's early stops (see OptimizerConfig).
     """
     done_iterations, done_evaluations, done_seconds = done
+    remaining = iterations - done_iterations
+    if remaining <= 0:
+        # Nothing left (a resume from the last checkpoint): scipy's maxiter=0 would still
+        # run one iteration, so it is not called at all.
+        return Result(image=x0.astype(np.float32), reason=COMPLETED, message="no iterations left",
+                      iterations=done_iterations, evaluations=done_evaluations,
+                      seconds=done_seconds, initial=None, final=None)
     evaluator = Evaluator(vg, x0.shape, should_stop)
     start = time.perf_counter()
     iteration = done_iterations
@@ -122,7 +131,6 @@ def minimize(
                 image=xk.reshape(x0.shape).astype(np.float32),
             ))
 
-    remaining = iterations - done_iterations
     try:
         _, _, info = fmin_l_bfgs_b(
             evaluator,
@@ -131,6 +139,8 @@ def minimize(
             m=history,
             maxiter=remaining,
             maxfun=max(15000, 50 * remaining),  # let iterations, not evaluations, end the run
+            factr=ftol / np.finfo(np.float64).eps,
+            pgtol=gtol,
             callback=callback,
         )
         # Branch on warnflag, never on scipy's message text.

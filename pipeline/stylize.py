@@ -48,7 +48,7 @@ def stylize(
     objective = Objective(extractor, layer_names, cfg, content, styles)
     vg = autodiff.value_and_grad(objective, extractor.variables)
     x0, done = resume if resume else (initial_image(cfg, content, styles, init_image), (0, 0, 0.0))
-    result = optimize.minimize(
-        vg, x0, cfg.optimizer.iterations, cfg.optimizer.history, on_step, should_stop, done
-    )
+    opt = cfg.optimizer
+    result = optimize.minimize(vg, x0, opt.iterations, opt.history, on_step, should_stop, done,
+                               ftol=opt.ftol, gtol=opt.gtol)
     return result, weights

@@ -92,3 +92,43 @@ def test_resumed_counts_continue_from_the_checkpoint():
     assert result.iterations == 10
     assert result.evaluations >= 9 + 4
     assert steps[0].seconds >= 12.5
+
+
+def test_no_iterations_left_finishes_without_calling_the_optimiser():
+    """A resume from a checkpoint on the last iteration: scipy's maxiter=0 would still run
+    one iteration (10/10 came back as 11)."""
+    calls = []
+
+    def vg(x):
+        calls.append(x)
+        return 1.0, {"content": 0.0, "style": 0.0}, np.zeros_like(x)
+
+    x0 = np.random.default_rng(5).uniform(0, 255, (3, 4, 3)).astype(np.float32)
+    steps = []
+    result = optimize.minimize(vg, x0, iterations=10, on_step=steps.append, done=(10, 14, 2.5))
+    assert calls == [] and steps == []
+    assert (result.iterations, result.evaluations, result.seconds) == (10, 14, 2.5)
+    assert result.reason == optimize.COMPLETED
+    np.testing.assert_array_equal(result.image, x0)
+
+
+def small_gradients(x):
+    """A loss whose gradients are as small as a mean-based style loss's: scipy's default
+    tolerances (pgtol 1e-5, factr 1e7) would call it converged after a few iterations."""
+    total, terms, grad = quadratic(TARGET, condition=1e4)(x)
+    return total * 1e-10, terms, grad * 1e-10
+
+
+TARGET = np.random.default_rng(6).uniform(0, 255, (8, 8, 3))
+
+
+def test_a_run_does_every_iteration_asked_for():
+    result = optimize.minimize(small_gradients, np.zeros((8, 8, 3), np.float32), iterations=25)
+    assert (result.reason, result.iterations) == (optimize.COMPLETED, 25)
+
+
+@pytest.mark.parametrize("tolerance", [{"gtol": 1e-3}, {"ftol": 1e-2}])
+def test_an_explicit_tolerance_stops_early(tolerance):
+    result = optimize.minimize(small_gradients, np.zeros((8, 8, 3), np.float32), iterations=25,
+                               **tolerance)
+    assert result.reason == optimize.CONVERGED and result.iterations < 25
