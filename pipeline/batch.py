@@ -8,7 +8,9 @@ a worker pool, `status` and `report` stay light.
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -60,8 +62,10 @@ def run_batch(
     log_file: str | None = None,
 ) -> list[Outcome]:
     """Run every job (one after another, or in `workers` processes), then re-run the failed
-    ones up to `retries` times. `stop` is a multiprocessing Event; `progress(job)` gives the
-    step callback of a run executed in this process. Returns the last outcome of each job."""
+    ones up to `retries` times. `stop` is a threading.Event that a signal handler may set
+    (None: never stopped); `progress(job)` gives the step callback of a run executed in this
+    process. Returns the last outcome of each job."""
+    stop = stop if stop is not None else threading.Event()
     outcomes: dict[str, Outcome] = {}
     todo = list(jobs)
     for attempt in range(retries + 1):
@@ -123,6 +127,9 @@ def _run_locked(job, folder, on_step, should_stop) -> Outcome:
         return Outcome(job.run_id, "skipped", folder, "already completed")
     # "running" here means a process died without a word (SIGKILL, power): resume it too.
     resume = folder.load_state() if previous.get("status") in ("interrupted", "running") else None
+    if previous.get("status") in ("interrupted", "running") and resume is None:
+        log.warning("%s: no readable checkpoint (%s): starting again from the beginning",
+                    job.run_id, folder.state)
     done = resume[1] if resume else (0, 0, 0.0)
     digest = config.config_hash(cfg)
     text = {"run_id": job.run_id, "config_hash": digest, "software": f"pipeline {__version__}"}
@@ -139,6 +146,9 @@ def _run_locked(job, folder, on_step, should_stop) -> Outcome:
         "resumed_from": done[0] if resume else None,
     }
     last_step: list[optimize.Step] = []
+    # result.png holds the lowest loss seen by any part of the run (its loss is in its text);
+    # a resumed part replaces it only with something better.
+    previous_best = _result_loss(folder) if resume else None
 
     def record(step: optimize.Step):
         folder.append_trace(runs.trace_row(step))
@@ -151,7 +161,7 @@ def _run_locked(job, folder, on_step, should_stop) -> Outcome:
         if on_step is not None:
             on_step(step)
 
-    try:
+    try:  # everything up to the last write: a full disk fails this run, not the batch
         folder.start(config.to_dict(cfg), {"run_id": job.run_id, "config_hash": digest,
                                            **autodiff.environment()}, done[0])
         folder.write_metrics(metrics)
@@ -159,33 +169,50 @@ def _run_locked(job, folder, on_step, should_stop) -> Outcome:
         styles = [images.load_image(p, tuple(cfg.background)) for p in cfg.style]
         init = images.load_image(cfg.init, tuple(cfg.background)) if _is_file(cfg.init) else None
         result, weights = stylize(cfg, content, styles, init, record, should_stop, resume)
+        status = _STATUS[result.reason]
+        best = result.final
+        if previous_best and (best is None or previous_best["total"] <= best["total"]):
+            best = previous_best  # an earlier part's image is better: keep it
+        else:
+            best = best or metrics["loss"]  # no evaluation: the checkpoint image, as it was
+            folder.save_result(result.image, {**text, "loss": json.dumps(best)})
+        if status == "interrupted" and last_step:
+            folder.save_checkpoint(last_step[0].image, _done(last_step[0]), text)
+        metrics.update(
+            status=status,
+            stop_reason=result.reason,
+            message=result.message,
+            weights=weights,
+            iterations=result.iterations,
+            evaluations=result.evaluations,
+            seconds=round(result.seconds, 3),
+            initial_loss=metrics["initial_loss"] or result.initial,
+            loss=best,
+            result=str(folder.result),
+        )
+        if status == "failed":
+            metrics["error"] = result.message
+        folder.write_metrics(metrics)
     except Exception as e:  # one run's failure, whatever it is, must not end a batch
         error = describe_error(e, cfg)
         metrics.update(status="failed", error=error, traceback=traceback.format_exc())
-        if folder.path.exists():
-            folder.write_metrics(metrics)
+        try:
+            if folder.path.exists():
+                folder.write_metrics(metrics)
+        except OSError as again:  # the disk that failed the run may refuse this too
+            log.error("%s: cannot record its failure in %s: %s", job.run_id, folder.metrics,
+                      again)
         return Outcome(job.run_id, "failed", folder, error)
-
-    status = _STATUS[result.reason]
-    folder.save_result(result.image, text)
-    if status == "interrupted" and last_step:
-        folder.save_checkpoint(last_step[0].image, _done(last_step[0]), text)
-    metrics.update(
-        status=status,
-        stop_reason=result.reason,
-        message=result.message,
-        weights=weights,
-        iterations=result.iterations,
-        evaluations=result.evaluations,
-        seconds=round(result.seconds, 3),
-        initial_loss=metrics["initial_loss"] or result.initial,
-        loss=result.final or metrics["loss"],
-        result=str(folder.result),
-    )
-    if status == "failed":
-        metrics["error"] = result.message
-    folder.write_metrics(metrics)
     return Outcome(job.run_id, status, folder, result.message)
+
+
+def _result_loss(folder: runs.RunFolder) -> dict | None:
+    """The loss recorded in the run's result.png by an earlier part of the run, if any."""
+    try:
+        loss = json.loads(images.read_png_text(folder.result)["loss"])
+    except (images.ImageError, KeyError, ValueError):
+        return None
+    return loss if isinstance(loss, dict) and "total" in loss else None
 
 
 def _done(step: optimize.Step) -> tuple[int, int, float]:
@@ -201,7 +228,11 @@ def describe_error(e: BaseException, cfg: config.Config) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     oom_words = ("RESOURCE_EXHAUSTED", "OOM when allocating", "out of memory", "Out of memory")
     if isinstance(e, MemoryError) or any(word in text for word in oom_words):
-        smaller = max(16, cfg.size * 3 // 4 // 16 * 16)
-        return (f"out of memory at size {cfg.size}: try a smaller one, e.g. --set size={smaller}"
-                f" ({type(e).__name__}: {text[:200]})")
+        return (f"out of memory at size {cfg.size}: try a smaller one, e.g. --set "
+                f"size={smaller_size(cfg)} ({type(e).__name__}: {text[:200]})")
     return text
+
+
+def smaller_size(cfg: config.Config) -> int:
+    """A size to suggest after running out of memory: three quarters, a multiple of 16."""
+    return max(16, cfg.size * 3 // 4 // 16 * 16)

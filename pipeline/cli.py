@@ -17,7 +17,7 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from pipeline import batch, config, runs
+from pipeline import batch, config, runs, weights
 from pipeline.progress import Progress
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -76,7 +76,7 @@ def _main(argv) -> int:
         if args.command == "validate":
             return _validate(cfg)
         return _run(cfg, args)
-    except config.ConfigError as e:
+    except (config.ConfigError, weights.WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except runs.Locked as e:
@@ -106,8 +106,9 @@ def _run(cfg: config.Config, args) -> int:
         busy = f"; in use by {holder}" if holder else ""
         print(f"# {len(jobs)} run(s) in {exp}{busy}", file=sys.stderr)
         return EXIT_OK
+    _check_weights(jobs)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
-    with runs.Lock(exp / ".lock", f"experiment {exp}"):
+    with runs.experiment_lock(exp):
         runs.remove_stale_temporaries(exp)
         log_file = exp / "experiment.log"
         handler = logging.FileHandler(log_file)
@@ -144,6 +145,16 @@ def _run(cfg: config.Config, args) -> int:
     if counts["interrupted"] or not_started or stop.is_set():
         return EXIT_INTERRUPTED
     return EXIT_OK
+
+
+def _check_weights(jobs) -> None:
+    """Fetch or find the ImageNet file once, before anything is created: without it every
+    run would fail alike, each in a folder of its own. Runs already completed need nothing."""
+    for job in jobs:
+        if job.cfg.model.weights == "imagenet" and (
+                batch.folder_of(job).read_metrics() or {}).get("status") != "completed":
+            weights.imagenet_file()
+            return
 
 
 def _say(outcome) -> None:

@@ -10,17 +10,11 @@ import keras
 import numpy as np
 
 from pipeline.config import VGG19_BLOCK_CONVS, VGG19_CONV_LAYERS, ModelConfig
+from pipeline.weights import WEIGHTS_FILE, WeightsError, imagenet_file
 
 # Caffe-style input, as the ImageNet weights were trained: BGR, minus the ImageNet mean.
 IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)
-WEIGHTS_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
-WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/vgg19/" + WEIGHTS_FILE
-WEIGHTS_MD5 = "253f8cb515780f3b799900260a226db6"  # as keras.applications.VGG19 checks it
 _WIDTHS = (64, 128, 256, 512, 512)  # channels of each block
-
-
-class WeightsError(RuntimeError):
-    """The weights cannot be had; the message says what to do."""
 
 
 def preprocess(x):
@@ -58,7 +52,7 @@ def load_weights(model: keras.Model, weights: str, seed: int) -> str:
                     np.zeros_like(bias),
                 ])
         return f"random (seed {seed})"
-    path = _imagenet_file() if weights == "imagenet" else weights
+    path = imagenet_file() if weights == "imagenet" else weights
     try:
         # Keras only warns when a .weights.h5 lacks some layers, and leaves those layers as
         # they were: a half-random network that would quietly ruin a night of runs.
@@ -71,27 +65,6 @@ def load_weights(model: keras.Model, weights: str, seed: int) -> str:
             f"expected Keras's {WEIGHTS_FILE} or a .weights.h5 saved from this VGG19"
         ) from None
     return weights if weights == "imagenet" else os.path.abspath(path)
-
-
-def _imagenet_file() -> str:
-    # Where keras.utils.get_file caches it (Keras reads KERAS_HOME, else ~/.keras).
-    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-    cached = os.path.join(home, "models", WEIGHTS_FILE)
-    help_text = (
-        f"ImageNet VGG19 weights are not in Keras's cache ({cached}). On a machine with "
-        f"network, download {WEIGHTS_URL} and copy it there (or set model.weights to its path); "
-        "`model.weights: random` runs offline, for tests only"
-    )
-    if os.path.isfile(cached):
-        return cached
-    if os.environ.get("PIPELINE_OFFLINE"):
-        raise WeightsError(help_text + " [PIPELINE_OFFLINE is set: no download tried]")
-    try:
-        return keras.utils.get_file(
-            WEIGHTS_FILE, WEIGHTS_URL, cache_subdir="models", file_hash=WEIGHTS_MD5
-        )
-    except Exception as e:  # no network, proxy, disk full, bad hash...
-        raise WeightsError(f"{help_text} [download failed: {str(e).splitlines()[0]}]") from None
 
 
 def feature_extractor(cfg: ModelConfig, seed: int) -> tuple[keras.Model, list[str], str]:

@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +65,8 @@ class RunFolder:
             with np.load(self.state) as state:
                 done = (int(state["iteration"]), int(state["evaluations"]), float(state["seconds"]))
                 return state["image"].astype(np.float32), done
-        except (FileNotFoundError, OSError, KeyError, ValueError):
-            return None
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+            return None  # missing, or torn by a kill: the caller starts the run again
 
     # ---------------------------------------------------------------- writing
 
@@ -149,7 +150,7 @@ class Lock:
                 break
             except BlockingIOError:
                 if time.monotonic() < deadline:
-                    time.sleep(0.2)
+                    time.sleep(0.05)
                     continue
                 holder = _holder_text(fd)
                 os.close(fd)
@@ -162,6 +163,13 @@ class Lock:
 
     def __exit__(self, *exc):
         os.close(self.fd)  # closing releases the lock
+
+
+def experiment_lock(exp_dir) -> Lock:
+    """The lock a `run` holds on its experiment. `status` and `--dry-run` look at it with a
+    momentary shared flock (holder_of); a starting run waits such a look out rather than
+    mistaking it for another run."""
+    return Lock(Path(exp_dir) / ".lock", f"experiment {exp_dir}", wait=2)
 
 
 def _holder_text(fd: int) -> str:

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline import config, model
+from pipeline import config, model, weights
 
 
 def _probe(net):
@@ -67,12 +67,12 @@ def test_a_file_that_is_not_vgg19_weights_is_named_in_the_error(tmp_path):
 def test_missing_imagenet_weights_say_where_to_put_them(monkeypatch):
     # conftest points KERAS_HOME at an empty folder before Keras is imported.
     monkeypatch.setenv("PIPELINE_OFFLINE", "1")  # never reach for the network in a test
-    cache = os.path.join(os.environ["KERAS_HOME"], "models", model.WEIGHTS_FILE)
+    cache = os.path.join(os.environ["KERAS_HOME"], "models", weights.WEIGHTS_FILE)
     assert not os.path.exists(cache)
     with pytest.raises(model.WeightsError) as info:
         model.feature_extractor(config.ModelConfig(weights="imagenet"), seed=0)
     message = str(info.value)
     assert cache in message
-    assert model.WEIGHTS_URL in message
+    assert weights.WEIGHTS_URL in message
     assert "model.weights: random" in message
     assert "\n" not in message
