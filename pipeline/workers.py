@@ -115,11 +115,15 @@ def run_pool(jobs, workers: int, stop, log_file: str | None = None):
         for slot in range(workers):
             slots.put(slot)
         broken, started = [], time.time()
+        # The executor does not say which worker died, nor how: its processes are kept here
+        # (by pid) so that their exit codes can be read once the pool is down.
+        processes: dict = {}
         with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init,
                                          initargs=(slots, shared_stop, os.getpid(), gpus,
                                                    threads, log_file)) as pool:
             pending = {pool.submit(_work, job): job for job in todo}
             while pending:
+                processes.update(pool._processes or {})
                 done, _ = futures.wait(pending, timeout=0.5, return_when=futures.FIRST_COMPLETED)
                 if stop.is_set():
                     shared_stop.set()
@@ -141,7 +145,7 @@ def run_pool(jobs, workers: int, stop, log_file: str | None = None):
         # Leaving the `with` joined every worker: the survivors' runs are saved by now.
         again = []
         for job in broken:
-            outcome = _after_broken_pool(job, stop, started)
+            outcome = _after_broken_pool(job, stop, started, processes)
             if outcome is None:
                 again.append(job)
             else:
@@ -152,7 +156,7 @@ def run_pool(jobs, workers: int, stop, log_file: str | None = None):
         todo = again
 
 
-def _after_broken_pool(job, stop, pool_started: float):
+def _after_broken_pool(job, stop, pool_started: float, processes: dict):
     """The outcome of a job whose pool broke, read from its folder, or None to run it again."""
     from pipeline import batch
 
@@ -164,11 +168,40 @@ def _after_broken_pool(job, stop, pool_started: float):
     # Under way in the worker that died without a word (not left `running` by a kill before
     # this pool started: that one resumes).
     if status == "running" and folder.metrics.stat().st_mtime >= pool_started:
-        error = batch.describe_error(
-            MemoryError("its worker process was killed, most likely by the out-of-memory "
-                        "killer"), job.cfg)
+        error = death_of(_holder_pid(folder), processes, job.cfg)
         folder.write_metrics({**metrics, "status": "failed", "error": error})
         return batch.Outcome(job.run_id, "failed", folder, error)
     if status == "interrupted" and stop.is_set():
         return batch.Outcome(job.run_id, "interrupted", folder, "")
     return None  # not started, or stopped by the pool's SIGTERM: a fresh pool runs it
+
+
+def _holder_pid(folder) -> int | None:
+    """The pid that last held the run's lock: its holder wrote "pid N on host since ..."."""
+    try:
+        words = folder.lock.read_text().split()
+        return int(words[1]) if words[:1] == ["pid"] else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def death_of(pid: int | None, processes: dict, cfg) -> str:
+    """What is known of a worker's sudden death, in one line: its signal or exit code. A
+    SIGKILL is most often the kernel's out-of-memory killer, so that one names the size."""
+    from pipeline import batch
+
+    process = processes.get(pid)
+    code = process.exitcode if process is not None else None
+    who = f"its worker process (pid {pid})" if pid else "its worker process"
+    if code is None:
+        return f"{who} died without a word (exit status unknown)"
+    if code >= 0:
+        return f"{who} exited with code {code}"
+    name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+    if -code == signal.SIGKILL:
+        return (f"{who} was killed by SIGKILL; the out-of-memory killer is the usual cause: "
+                f"if so, try a smaller size than {cfg.size}, e.g. --set "
+                f"size={batch.smaller_size(cfg)}")
+    crash = " (a crash in native code)" if -code in (signal.SIGSEGV, signal.SIGBUS,
+                                                      signal.SIGABRT, signal.SIGILL) else ""
+    return f"{who} died of {name}{crash}"

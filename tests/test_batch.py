@@ -329,20 +329,28 @@ def test_workers_share_the_batch_and_survive_their_parent_being_killed(tmp_path)
     assert any(found[i]["resumed_from"] for i in ids[:2])
 
 
-def test_a_worker_killed_outright_fails_only_its_own_run(tmp_path):
-    """The out-of-memory killer's SIGKILL breaks a process pool for good; the batch must
-    fail the run that was in the dead worker and finish every other."""
-    _, exp, ids, parent = start_pool(tmp_path, "oom")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV], ids=["SIGKILL", "SIGSEGV"])
+def test_a_worker_killed_outright_fails_only_its_own_run(tmp_path, sig):
+    """The out-of-memory killer's SIGKILL, or a crash in native code, breaks a process pool
+    for good; the batch must fail the run that was in the dead worker, say how it died, and
+    finish every other."""
+    _, exp, ids, parent = start_pool(tmp_path, "dead")
     holder = runs.holder_of(exp / ".locks" / ids[0])  # "pid N on host since ..."
     victim = int(holder.split()[1])
     assert victim != parent.pid
-    os.kill(victim, signal.SIGKILL)
+    os.kill(victim, sig)
     _, stderr = parent.communicate(timeout=300)
     assert parent.returncode == 1, stderr
     assert "3 completed, 1 failed" in stderr
     found = metrics_of(exp)
     assert found[ids[0]]["status"] == "failed"
-    assert "out of memory at size 32" in found[ids[0]]["error"]
+    error = found[ids[0]]["error"]
+    assert f"its worker process (pid {victim})" in error
+    if sig == signal.SIGKILL:
+        assert "killed by SIGKILL" in error and "out-of-memory killer" in error
+        assert "--set size=16" in error  # three quarters of 32, a multiple of 16
+    else:
+        assert "died of SIGSEGV" in error and "memory" not in error
     for run_id in ids[1:]:
         assert found[run_id]["status"] == "completed"
         trace = RunFolder(exp / run_id).read_trace()
