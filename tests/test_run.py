@@ -156,7 +156,7 @@ def test_missing_imagenet_weights_end_with_instructions(tmp_path):
     config = write_config(tmp_path, name="imagenet", model={"weights": "imagenet"})
     proc = run_cli("run", config, env={"KERAS_HOME": str(tmp_path / "keras"),
                                        "PIPELINE_OFFLINE": "1"})
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # found before any run starts: nothing to resume
     assert "model.weights: random" in proc.stderr
     assert str(tmp_path / "keras" / "models") in proc.stderr
     assert "Traceback" not in proc.stderr
