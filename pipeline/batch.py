@@ -60,18 +60,22 @@ def run_batch(
     progress: Callable[[Planned], Callable] | None = None,
     on_outcome: Callable[[Outcome], None] = lambda outcome: None,
     log_file: str | None = None,
+    executor: Callable | None = None,
 ) -> list[Outcome]:
     """Run every job (one after another, or in `workers` processes), then re-run the failed
     ones up to `retries` times. `stop` is a threading.Event that a signal handler may set
     (None: never stopped); `progress(job)` gives the step callback of a run executed in this
-    process. Returns the last outcome of each job."""
+    process. `executor(jobs, stop)`, when given, yields the outcomes instead
+    (cluster.RayExecutor). Returns the last outcome of each job."""
     stop = stop if stop is not None else threading.Event()
     outcomes: dict[str, Outcome] = {}
     todo = list(jobs)
     for attempt in range(retries + 1):
         if attempt:
             log.info("retrying %d failed run(s), attempt %d of %d", len(todo), attempt, retries)
-        if workers > 1:
+        if executor is not None:
+            finished = executor(todo, stop)
+        elif workers > 1:
             from pipeline.workers import run_pool
 
             finished = run_pool(todo, workers, stop, log_file)
@@ -103,12 +107,16 @@ def run_one(
     job: Planned,
     on_step: Callable[[optimize.Step], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    lock: bool = True,
 ) -> Outcome:
     """Run, resume or skip one run in its folder, holding the run's lock while it works.
-    A completed run is left untouched: not a file in its folder is written again."""
+    A completed run is left untouched: not a file in its folder is written again.
+    `lock=False`: the caller alone owns the run (a cluster whose file system has no flock)."""
     folder = folder_of(job)
     if (folder.read_metrics() or {}).get("status") == "completed":
         return Outcome(job.run_id, "skipped", folder, "already completed")
+    if not lock:
+        return _run_locked(job, folder, on_step, should_stop)
     try:
         # Waits for a run still held by a dying process (an orphaned worker saving its state).
         with runs.Lock(folder.lock, f"run {job.run_id}", wait=120):

@@ -46,6 +46,16 @@ def _parser() -> argparse.ArgumentParser:
                      help="run N runs at once in separate processes (one GPU each if several)")
     run.add_argument("--retries", type=int, default=0, metavar="N",
                      help="re-attempt failed runs up to N times")
+    run.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="local: this machine (--workers); ray: each run a task of a Ray cluster")
+    run.add_argument("--address", metavar="HOST:PORT",
+                     help="the Ray cluster to use ('auto': the one started here with ray start); "
+                          "default: a new local instance")
+    run.add_argument("--gpus-per-run", type=float, metavar="X",
+                     help="GPUs each Ray task holds; fractions share a GPU (default: 1 where the "
+                          "cluster has GPUs, else 0)")
+    run.add_argument("--cpus-per-run", type=float, metavar="N",
+                     help="CPUs each Ray task holds, and its thread count (default: 1)")
     with_config("validate", "check a config and print it resolved, without running")
     for name, help_text in (("status", "counts, each run's status and the time left"),
                             ("report", "write report.html, a contact sheet and loss curves")):
@@ -72,6 +82,8 @@ def _main(argv) -> int:
             return _status(args.experiment) if args.command == "status" else _report(args)
         if getattr(args, "workers", 1) < 1 or getattr(args, "retries", 0) < 0:
             raise config.ConfigError("--workers must be at least 1 and --retries at least 0")
+        if args.command == "run":
+            _check_executor(args)
         cfg = config.load(args.config, args.set)
         if args.command == "validate":
             return _validate(cfg)
@@ -114,10 +126,17 @@ def _run(cfg: config.Config, args) -> int:
         handler = logging.FileHandler(log_file)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         log.addHandler(handler)
-        log.info("%s: %d run(s), %d worker(s)", exp, len(jobs), args.workers)
+        executor = None
+        if args.executor == "ray":  # before the stop handlers: ray.init sets its own SIGTERM's
+            from pipeline import cluster
+
+            executor = cluster.RayExecutor(args.address, args.gpus_per_run, args.cpus_per_run or 1)
+            log.info("%s: %d run(s), %s", exp, len(jobs), executor.start(exp, jobs))
+        else:
+            log.info("%s: %d run(s), %d worker(s)", exp, len(jobs), args.workers)
         runs.write_plan(exp, [{"run_id": j.run_id, "label": j.label,
                                "iterations": j.cfg.optimizer.iterations} for j in jobs],
-                        args.workers)
+                        executor.capacity if executor else args.workers)
         runs.write_table(exp)
         stop = _install_stop_handlers()
 
@@ -129,7 +148,7 @@ def _run(cfg: config.Config, args) -> int:
             jobs, args.workers, args.retries, stop,
             progress=lambda job: Progress(job.run_id, job.cfg.optimizer.iterations,
                                           job.cfg.log_every),
-            on_outcome=finished, log_file=str(log_file))
+            on_outcome=finished, log_file=str(log_file), executor=executor)
         counts = Counter(o.status for o in outcomes)
         not_started = len(jobs) - len(outcomes)
         log.info("summary: %d run(s): %d completed, %d failed, %d interrupted, %d skipped%s",
@@ -155,6 +174,28 @@ def _check_weights(jobs) -> None:
                 batch.folder_of(job).read_metrics() or {}).get("status") != "completed":
             weights.imagenet_file()
             return
+
+
+def _check_executor(args) -> None:
+    """The executor's options make sense together, and Ray is installed if it is asked for."""
+    ray_options = {"--address": args.address, "--gpus-per-run": args.gpus_per_run,
+                   "--cpus-per-run": args.cpus_per_run}
+    if args.executor != "ray":
+        given = [name for name, value in ray_options.items() if value is not None]
+        if given:
+            raise config.ConfigError(f"{', '.join(given)}: only with --executor ray")
+        return
+    if args.workers != 1:
+        raise config.ConfigError("--workers is for --executor local; on Ray, --cpus-per-run and "
+                                 "--gpus-per-run decide how many runs share a node")
+    gpus = args.gpus_per_run
+    if gpus is not None and (gpus < 0 or gpus > 1 and gpus != int(gpus)):
+        raise config.ConfigError("--gpus-per-run: a fraction up to 1 or a whole number of GPUs")
+    if args.cpus_per_run is not None and args.cpus_per_run <= 0:
+        raise config.ConfigError("--cpus-per-run: must be more than 0")
+    from pipeline import cluster
+
+    cluster.import_ray()  # a missing extra is named now, before anything starts
 
 
 def _say(outcome) -> None:

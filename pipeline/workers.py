@@ -35,16 +35,22 @@ def visible_gpus() -> list[str]:
     return []
 
 
+def thread_caps(threads: int, environ) -> dict:
+    """The environment that caps a fresh process's CPU thread pools (BLAS, TensorFlow, XLA)
+    at `threads`; read once, when the framework starts, so set before it is imported."""
+    caps = {var: str(threads) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                           "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS")}
+    caps["TF_NUM_INTEROP_THREADS"] = "1"
+    caps["XLA_FLAGS"] = (environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
+                         f"{'true' if threads > 1 else 'false'}").strip()
+    return caps
+
+
 def _init(slots, stop, parent_pid: int, gpus: list[str], threads: int, log_file: str | None):
     slot = slots.get()
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                "TF_NUM_INTRAOP_THREADS"):
-        os.environ[var] = str(threads)
-    os.environ["TF_NUM_INTEROP_THREADS"] = "1"
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
-                               f"{'true' if threads > 1 else 'false'}").strip()
+    os.environ.update(thread_caps(threads, os.environ))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     # Ctrl-C reaches every process of the terminal's group: the parent decides, through
     # `stop`. A SIGTERM sent to this worker alone (by a user, or by the pool when another
