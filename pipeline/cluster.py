@@ -75,14 +75,19 @@ class RayExecutor:
         (exit 3) when another driver holds the experiment."""
         ray = self.ray
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing leaves the machine
-        # "local" starts a new instance even where RAY_ADDRESS or a `ray start` says otherwise.
+        # "local" starts a new instance even where RAY_ADDRESS or a `ray start` says otherwise;
+        # it listens on the loopback interface alone: nothing but this machine needs it.
         options = ({"address": self.address} if self.address else
-                   {"address": "local", "include_dashboard": False})
+                   {"address": "local", "include_dashboard": False,
+                    "_node_ip_address": "127.0.0.1"})
         try:
-            ray.init(namespace=NAMESPACE, log_to_driver=True, **options)
-        except (ConnectionError, ValueError) as e:
+            if not ray.is_initialized():  # a second batch in one process keeps its connection
+                ray.init(namespace=NAMESPACE, log_to_driver=True, **options)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            hint = ("" if os.environ.get("RAY_AUTH_MODE") else
+                    "; a cluster with token authentication needs RAY_AUTH_MODE=token here")
             raise config.ConfigError(f"--address {self.address}: no Ray cluster to connect to "
-                                     f"({_first_line(e)})") from None
+                                     f"({_first_line(e)}){hint}") from None
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         if self.gpus is None:  # one GPU per run where there are GPUs, none on a CPU cluster
             self.gpus = 1.0 if any(n["Resources"].get("GPU") for n in nodes) else 0.0
@@ -99,6 +104,12 @@ class RayExecutor:
         where = self.address or "a new local instance"
         return (f"Ray cluster at {where}: {len(usable)} node(s) for runs of {self.cpus:g} CPU "
                 f"and {self.gpus:g} GPU each, up to {self.capacity} at once")
+
+    def close(self) -> None:
+        """Give up the experiment's claim on the cluster (the driver's exit does it too)."""
+        if self.flag is not None:
+            self.ray.kill(self.flag)
+            self.flag = None
 
     def _claim(self, exp: Path):
         """The experiment's stop flag, a named actor on the driver's node: its name is taken
@@ -165,8 +176,8 @@ class RayExecutor:
                         "by this driver alone", exp, ", ".join(weak))
 
     def __call__(self, jobs: list[batch.Planned], stop) -> object:
-        """Submit every job as a task and yield outcomes as they end. `stop` (set by a signal
-        handler) is passed on to the tasks through the flag actor."""
+        """Hand each job to a task, in order, and yield outcomes as they end. `stop` (set by
+        a signal handler) is passed on to the tasks through the flag actor."""
         ray = self.ray
         env = {**workers.thread_caps(max(1, int(self.cpus)), os.environ),
                **{k: os.environ[k] for k in FORWARDED if k in os.environ}}
@@ -176,13 +187,19 @@ class RayExecutor:
             num_cpus=self.cpus, num_gpus=self.gpus, max_retries=TASK_RETRIES,
             retry_exceptions=False,  # run_one records a run's own errors; only deaths retry
             runtime_env={"env_vars": env})
-        pending = {task.remote(job, self.flag, self.lock_runs): job for job in jobs}
-        told = False
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
+        # No more in flight than the cluster has room for: runs start in the plan's order
+        # (Ray's queue keeps none), and after a stop no queued task is left to drain.
+        queue, pending, told = list(jobs), {}, False
+        while queue or pending:
             if stop.is_set() and not told:
                 self.flag.set.remote()
-                told = True
+                queue, told = [], True  # not started: the same command runs them
+            while queue and len(pending) < self.capacity:
+                job = queue.pop(0)
+                pending[task.remote(job, self.flag, self.lock_runs)] = job
+            if not pending:
+                break
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
             for ref in ready:
                 job = pending.pop(ref)
                 try:
