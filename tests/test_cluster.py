@@ -182,8 +182,9 @@ def test_a_broken_image_fails_only_its_own_run(head, tmp_path):
 
 def test_sigterm_to_the_driver_interrupts_its_runs_and_the_same_command_finishes_them(
         head, tmp_path, capsys):
+    # 60 iterations: enough that no run ends in the second the stop takes to reach it.
     path = write_sweep(tmp_path, "term", sweep={"loss.tv_weight": [0.01, 0.1, 1.0]}, size=32,
-                       optimizer={"iterations": 30}, checkpoint_every=5)
+                       optimizer={"iterations": 60}, checkpoint_every=5)
     exp = tmp_path / "out" / "term"
     ids = [job.run_id for job in batch.plan(config.load(path))]
     driver = start_ray_run(path, head)
@@ -198,7 +199,7 @@ def test_sigterm_to_the_driver_interrupts_its_runs_and_the_same_command_finishes
     assert ids[2] not in found  # queued, never started
     assert [row["status"] for row in table(exp)] == ["interrupted", "interrupted", "pending"]
     stopped_at = {i: found[i]["iterations"] for i in ids[:2]}
-    assert all(0 < n < 30 for n in stopped_at.values())
+    assert all(0 < n < 60 for n in stopped_at.values())
 
     rc, stderr = ray_run(path, head)
     assert rc == 0, stderr
@@ -206,7 +207,7 @@ def test_sigterm_to_the_driver_interrupts_its_runs_and_the_same_command_finishes
     found = metrics_of(exp)
     for run_id in ids:
         assert found[run_id]["status"] == "completed"
-        assert iterations(exp, run_id) == list(range(1, 31))
+        assert iterations(exp, run_id) == list(range(1, 61))
     assert [found[i]["resumed_from"] for i in ids[:2]] == [stopped_at[i] for i in ids[:2]]
     # The driver kept the experiment's files; status reads them as it does any other.
     assert [row["status"] for row in table(exp)] == ["completed"] * 3
