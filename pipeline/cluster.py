@@ -17,7 +17,7 @@ refuses flock outright (ENOLCK). The start-up probe finds out which, node by nod
 Stopping. Ctrl-C or SIGTERM on the driver sets a flag in a small actor that every task
 watches; the run stops at its next evaluation and saves, as on one machine. Tasks are never
 killed or cancelled by the driver (ray.cancel interrupts a task wherever it is, a save
-included); tasks still queued when the flag is set return without starting their run.
+included); runs not handed out yet are not started.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline import batch, config, runs, workers
@@ -86,6 +87,9 @@ class RayExecutor:
         except (ConnectionError, ValueError, RuntimeError) as e:
             hint = ("" if os.environ.get("RAY_AUTH_MODE") else
                     "; a cluster with token authentication needs RAY_AUTH_MODE=token here")
+            if not self.address:
+                raise config.ConfigError(f"could not start a local Ray instance "
+                                         f"({_first_line(e)})") from None
             raise config.ConfigError(f"--address {self.address}: no Ray cluster to connect to "
                                      f"({_first_line(e)}){hint}") from None
         nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -125,7 +129,7 @@ class RayExecutor:
             ray.get(flag.is_set.remote())
         except ValueError:  # the name is taken
             raise runs.Locked(f"experiment {exp} is in use by another driver on the Ray "
-                              f"cluster at {self.address}") from None
+                              f"cluster at {self.address or 'this machine'}") from None
         return flag
 
     def _probe(self, exp: Path, jobs, nodes) -> None:
@@ -175,7 +179,7 @@ class RayExecutor:
             log.warning("flock on %s does not exclude other nodes from %s: runs are guarded "
                         "by this driver alone", exp, ", ".join(weak))
 
-    def __call__(self, jobs: list[batch.Planned], stop) -> object:
+    def __call__(self, jobs: list[batch.Planned], stop) -> Iterator[batch.Outcome]:
         """Hand each job to a task, in order, and yield outcomes as they end. `stop` (set by
         a signal handler) is passed on to the tasks through the flag actor."""
         ray = self.ray
