@@ -51,13 +51,15 @@ def head():
          f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
          "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
+    lines, hung = [], threading.Timer(180, proc.kill)  # a start that hangs ends the module
+    hung.start()
     for line in proc.stdout:  # --block: it says so once everything is up, then waits
         lines.append(line)
         if "Ray runtime started" in line:
             break
     else:
         pytest.fail("ray start --head failed:\n" + "".join(lines))
+    hung.cancel()
     threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
     address = f"127.0.0.1:{port}"
     ray = cluster.import_ray()
