@@ -17,7 +17,7 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from pipeline import batch, config, runs, weights
+from pipeline import batch, config, runs, scales, weights
 from pipeline.progress import Progress
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -116,7 +116,7 @@ def _run(cfg: config.Config, args) -> int:
         log.addHandler(handler)
         log.info("%s: %d run(s), %d worker(s)", exp, len(jobs), args.workers)
         runs.write_plan(exp, [{"run_id": j.run_id, "label": j.label,
-                               "iterations": j.cfg.optimizer.iterations} for j in jobs],
+                               "iterations": scales.total_iterations(j.cfg)} for j in jobs],
                         args.workers)
         runs.write_table(exp)
         stop = _install_stop_handlers()
@@ -127,7 +127,7 @@ def _run(cfg: config.Config, args) -> int:
 
         outcomes = batch.run_batch(
             jobs, args.workers, args.retries, stop,
-            progress=lambda job: Progress(job.run_id, job.cfg.optimizer.iterations,
+            progress=lambda job: Progress(job.run_id, scales.total_iterations(job.cfg),
                                           job.cfg.log_every),
             on_outcome=finished, log_file=str(log_file))
         counts = Counter(o.status for o in outcomes)
