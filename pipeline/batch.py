@@ -110,6 +110,8 @@ def run_one(
     folder = folder_of(job)
     if (folder.read_metrics() or {}).get("status") == "completed":
         return Outcome(job.run_id, "skipped", folder, "already completed")
+    if job.estimate:
+        log.info("%s: %s", job.run_id, job.estimate)
     try:
         # Waits for a run still held by a dying process (an orphaned worker saving its state).
         with runs.Lock(folder.lock, f"run {job.run_id}", wait=120):
@@ -249,6 +251,21 @@ def _checkpoint(folder, step: optimize.Step, text: dict, plan: list) -> None:
 
 def _is_file(init: str) -> bool:
     return init not in config.INIT_KINDS
+
+
+def refuse(job: Planned, message: str) -> Outcome:
+    """A run that cannot fit in memory, marked failed without starting (a completed one is
+    left alone). Its folder holds only metrics.json, saying why."""
+    folder = folder_of(job)
+    previous = folder.read_metrics()
+    if (previous or {}).get("status") == "completed":
+        return Outcome(job.run_id, "skipped", folder, "already completed")
+    if previous is None:  # an interrupted run keeps its state: with memory freed, it resumes
+        with runs.Lock(folder.lock, f"run {job.run_id}"):
+            folder.path.mkdir(parents=True, exist_ok=True)
+            folder.write_metrics({"status": "failed", "run_id": job.run_id, "swept": job.label,
+                                  "iterations": 0, "error": message})
+    return Outcome(job.run_id, "failed", folder, message)
 
 
 def describe_error(e: BaseException, cfg: config.Config) -> str:
