@@ -639,7 +639,10 @@ def run_id(cfg: Config, label: dict | None = None) -> str:
     if label:
         parts = []
         for key, value in label.items():
-            shown = Path(value).stem if key in PATH_KEYS and isinstance(value, str) else value
+            shown = value
+            if key in PATH_KEYS and isinstance(value, (str, list)):  # file names, not paths
+                shown = "+".join(Path(v).stem if isinstance(v, str) else str(v)
+                                 for v in (value if isinstance(value, list) else [value]))
             parts.append(f"{key.rpartition('.')[2]}-{shown}")
         words = "_".join(parts)
     else:

@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 import yaml
-from conftest import run_cli, write_config, write_image
+from conftest import write_config, write_image
 from keras import ops
 from PIL import Image
 
-from pipeline import config, model
+from pipeline import batch, config, model
 from pipeline.losses import Objective, downsample_mask, masked_content_loss, masked_gram
 
 
@@ -160,9 +160,10 @@ def test_two_styles_on_complementary_masks_end_to_end(tmp_path):
                         style_masks=[str(left), str(right)], content_mask=str(left),
                         loss={"content_weight": 0.0, "style_weight": 1.0, "tv_weight": 0.0},
                         optimizer={"iterations": 15}, checkpoint_every=0)
-    proc = run_cli("run", path)
-    assert proc.returncode == 0, proc.stderr
-    (run,) = (tmp_path / "out" / "masked").glob("masked-*")
+    (job,) = batch.plan(config.load(path))
+    outcome = batch.run_one(job)  # in process: the real run, mask files read from disk
+    assert outcome.status == "completed", outcome.message
+    run = outcome.folder.path
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["loss"]["style"] < 0.2 * metrics["initial_loss"]["style"]
     saved = yaml.safe_load((run / "config.yaml").read_text())
