@@ -39,7 +39,8 @@ def main() -> None:
     print(f"calibration: {cal['device']}, memory {cal['memory'][0] / 1e9:.3f} GB + "
           f"{cal['memory'][1]:.0f} B/pixel, time {cal['seconds'][0]:.3f} s + "
           f"{cal['seconds'][1] * 1e6:.2f} us/pixel per iteration")
-    print("| size | estimated peak GB | measured peak GB | error | estimated s/it | measured s/it |")
+    print("| size | estimated peak GB | measured peak GB | error | estimated s/it "
+          "| measured s/it |")
     print("| --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -119,7 +119,11 @@ def _estimates(jobs, workers: int) -> dict:
     fit in memory is a usage error (exit 2, nothing started); in a batch, see _refuse."""
     if estimate.skipped():
         return {}
-    estimates = estimate.for_jobs(jobs, workers, log=log.info)
+    try:
+        estimates = estimate.for_jobs(jobs, workers, log=log.info)
+    except estimate.EstimateError as e:  # no estimate is no reason to keep a batch from running
+        log.warning("estimate unavailable, running without the memory check: %s", e)
+        return {}
     for job in jobs:
         job.estimate = estimates[job.run_id].line()
     one = estimates[jobs[0].run_id] if len(jobs) == 1 else None

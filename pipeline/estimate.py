@@ -152,10 +152,14 @@ def _fit(pixels: list[int], values: list[float]) -> list[float]:
 
 
 def _measure_in_subprocess(size: int, iterations: int) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.estimate", str(size), str(iterations)],
-        capture_output=True, text=True, timeout=1800,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3")})
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline.estimate", str(size), str(iterations)],
+            capture_output=True, text=True, timeout=1800,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL",
+                                                                      "3")})
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise EstimateError(f"calibration at size {size} failed: {e}") from None
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
