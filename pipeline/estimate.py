@@ -145,9 +145,13 @@ def _read(path: Path) -> dict | None:
 
 
 def _fit(pixels: list[int], values: list[float]) -> list[float]:
-    """[a, b] of the line through two measurements (b never below 0: noise in a time)."""
+    """[a, b] of the line through two measurements. Noise (a busy machine) can tilt it past
+    what is possible: neither part may be negative, and the larger measurement, the one
+    nearest the sizes people run, is kept exact."""
     (p1, p2), (v1, v2) = pixels, values
     b = max(0.0, (v2 - v1) / (p2 - p1))
+    if v2 - b * p2 < 0:
+        b = v2 / p2
     return [v2 - b * p2, b]
 
 
