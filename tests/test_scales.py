@@ -8,7 +8,7 @@ import pytest
 from conftest import write_config
 
 from pipeline import batch, config, scales
-from pipeline.images import load_image
+from pipeline.images import load_image, read_png_text, save_png
 
 
 def _cfg(**extra):
@@ -75,7 +75,14 @@ def two_stage(tmp_path_factory):
                                 and bool(s) and s[-1].iteration >= n)
         parts.append({"outcome": outcome, "metrics": outcome.folder.read_metrics(),
                       "state": outcome.folder.load_state(),
+                      "result": load_image(outcome.folder.result).shape,
                       "steps": [(s.iteration, s.stage) for s in steps]})
+        if stop_after == 3:
+            # Make stage 1's image unbeatable on loss: a resumed stage 2 must still replace it.
+            folder = outcome.folder
+            zero = json.dumps({"total": 0.0, "content": 0.0, "style": 0.0, "tv": 0.0})
+            save_png(folder.result, load_image(folder.result),
+                     {**read_png_text(folder.result), "loss": zero})
     return parts, outcome.folder
 
 
@@ -90,6 +97,8 @@ def test_a_stopped_two_stage_run_resumes_where_it_stopped(two_stage):
     assert second["steps"] == [(4, 1), (5, 2)]
     assert (int(second["state"]["stage"]), int(second["state"]["iteration"])) == (2, 5)
     assert second["state"]["image"].shape == (40, 48, 3)  # stage 2's size: the content's shape
+    # result.png is the current stage's best: a smaller stage's image never wins on loss alone.
+    assert first["result"] == (20, 24, 3) and second["result"] == (40, 48, 3)
     assert last["outcome"].status == "completed"
     assert last["steps"] == [(6, 2), (7, 2)]
     assert last["metrics"]["iterations"] == 7 and last["metrics"]["resumed_from"] == 5
