@@ -15,7 +15,7 @@ DEMO_ARGS += --set size=128 --set optimizer.iterations=60 --set checkpoint_every
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test demo run sweep overnight status report bench bench-eval bench-workers lint clean
+.PHONY: help setup test demo run sweep overnight status report estimate bench bench-eval bench-workers bench-estimate lint clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -61,6 +61,10 @@ report: $(STAMP) ## report.html, contact sheet, loss curves: make report EXP=out
 	@test -n "$(EXP)" || { echo "usage: make report EXP=outputs/<name>"; exit 2; }
 	$(PY) -m pipeline report $(EXP)
 
+estimate: $(STAMP) ## peak memory and time of each run on this machine: make estimate CONFIG=...
+	@test -n "$(CONFIG)" || { echo "usage: make estimate CONFIG=path/to/config.yaml"; exit 2; }
+	$(PY) -m pipeline estimate $(CONFIG) $(ARGS)
+
 bench: $(STAMP) ## speed: per evaluation against the seed recipe (128 px), runs/hour by workers
 	$(PY) benchmarks/bench_eval.py
 	$(PY) benchmarks/bench_workers.py
@@ -70,6 +74,9 @@ bench-eval: $(STAMP) ## seconds per evaluation only: make bench-eval ARGS="--siz
 
 bench-workers: $(STAMP) ## runs per hour by --workers only: make bench-workers ARGS="--workers 1 2 4"
 	$(PY) benchmarks/bench_workers.py $(ARGS)
+
+bench-estimate: $(STAMP) ## the estimate against real runs: make bench-estimate ARGS="--sizes 256 512"
+	$(PY) benchmarks/bench_estimate.py $(ARGS)
 
 lint: $(STAMP) ## ruff over the code
 	$(PY) -m ruff check pipeline tests benchmarks scripts

@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from pipeline import __version__, config, images, optimize, runs
+from pipeline import __version__, config, images, optimize, runs, scales
 
 log = logging.getLogger("pipeline")
 
@@ -34,6 +34,7 @@ class Planned:
     run_id: str
     label: dict  # the values that set this run apart from its siblings
     cfg: config.Config
+    estimate: str = ""  # the memory and time estimate, logged when the run starts
 
 
 @dataclass
@@ -115,6 +116,8 @@ def run_one(
     folder = folder_of(job)
     if (folder.read_metrics() or {}).get("status") == "completed":
         return Outcome(job.run_id, "skipped", folder, "already completed")
+    if job.estimate:
+        log.info("%s: %s", job.run_id, job.estimate)
     if not lock:
         return _run_locked(job, folder, on_step, should_stop)
     try:
@@ -138,7 +141,9 @@ def _run_locked(job, folder, on_step, should_stop) -> Outcome:
     if previous.get("status") in ("interrupted", "running") and resume is None:
         log.warning("%s: no readable checkpoint (%s): starting again from the beginning",
                     job.run_id, folder.state)
-    done = resume[1] if resume else (0, 0, 0.0)
+    done = (int(resume["iteration"]), int(resume["evaluations"]),
+            float(resume["seconds"])) if resume else (0, 0, 0.0)
+    plan = scales.stages(cfg)
     digest = config.config_hash(cfg)
     text = {"run_id": job.run_id, "config_hash": digest, "software": f"pipeline {__version__}"}
     metrics = {
@@ -152,6 +157,8 @@ def _run_locked(job, folder, on_step, should_stop) -> Outcome:
         "initial_loss": previous.get("initial_loss") if resume else None,
         "loss": previous.get("loss") if resume else None,
         "resumed_from": done[0] if resume else None,
+        "stages": [{"stage": st.index, "size": st.size, "iterations": [st.first, st.last]}
+                   for st in plan],
     }
     last_step: list[optimize.Step] = []
     # result.png holds the lowest loss seen by any part of the run (its loss is in its text);
@@ -162,7 +169,7 @@ def _run_locked(job, folder, on_step, should_stop) -> Outcome:
         folder.append_trace(runs.trace_row(step))
         last_step[:] = [step]
         if cfg.checkpoint_every and step.iteration % cfg.checkpoint_every == 0:
-            folder.save_checkpoint(step.image, _done(step), text)
+            _checkpoint(folder, step, text, plan)
             metrics.update(iterations=step.iteration, evaluations=step.evaluations,
                            seconds=round(step.seconds, 3), loss={"total": step.total, **step.terms})
             folder.write_metrics(metrics)
@@ -176,16 +183,21 @@ def _run_locked(job, folder, on_step, should_stop) -> Outcome:
         content = images.load_image(cfg.content, tuple(cfg.background))
         styles = [images.load_image(p, tuple(cfg.background)) for p in cfg.style]
         init = images.load_image(cfg.init, tuple(cfg.background)) if _is_file(cfg.init) else None
-        result, weights = stylize(cfg, content, styles, init, record, should_stop, resume)
+        masks = [None if p is None else images.load_mask(p) for p in cfg.style_masks or []]
+        content_mask = images.load_mask(cfg.content_mask) if cfg.content_mask else None
+        result, weights = stylize(cfg, content, styles, init, record, should_stop, resume,
+                                  masks if cfg.style_masks is not None else None, content_mask)
         status = _STATUS[result.reason]
         best = result.final
+        if previous_best and _result_shape(folder) != result.image.shape[:2]:
+            previous_best = None  # an earlier stage's image, smaller: the later stage's wins
         if previous_best and (best is None or previous_best["total"] <= best["total"]):
             best = previous_best  # an earlier part's image is better: keep it
         else:
             best = best or metrics["loss"]  # no evaluation: the checkpoint image, as it was
             folder.save_result(result.image, {**text, "loss": json.dumps(best)})
         if status == "interrupted" and last_step:
-            folder.save_checkpoint(last_step[0].image, _done(last_step[0]), text)
+            _checkpoint(folder, last_step[0], text, plan)
         metrics.update(
             status=status,
             stop_reason=result.reason,
@@ -223,12 +235,45 @@ def _result_loss(folder: runs.RunFolder) -> dict | None:
     return loss if isinstance(loss, dict) and "total" in loss else None
 
 
+def _result_shape(folder: runs.RunFolder) -> tuple[int, int] | None:
+    """(height, width) of the run's result.png, from its header."""
+    from PIL import Image
+
+    try:
+        with Image.open(folder.result) as img:
+            return img.height, img.width
+    except OSError:
+        return None
+
+
 def _done(step: optimize.Step) -> tuple[int, int, float]:
     return step.iteration, step.evaluations, step.seconds
 
 
+def _checkpoint(folder, step: optimize.Step, text: dict, plan: list) -> None:
+    """The stage goes into the state (a resume continues it) and, in a run of several
+    stages, into the PNG's name: `stage2_iter_000150.png`."""
+    label = f"stage{step.stage}_" if len(plan) > 1 else ""
+    folder.save_checkpoint(step.image, _done(step), text, {"stage": step.stage}, label)
+
+
 def _is_file(init: str) -> bool:
     return init not in config.INIT_KINDS
+
+
+def refuse(job: Planned, message: str) -> Outcome:
+    """A run that cannot fit in memory, marked failed without starting (a completed one is
+    left alone). Its folder holds only metrics.json, saying why."""
+    folder = folder_of(job)
+    previous = folder.read_metrics()
+    if (previous or {}).get("status") == "completed":
+        return Outcome(job.run_id, "skipped", folder, "already completed")
+    if previous is None:  # an interrupted run keeps its state: with memory freed, it resumes
+        with runs.Lock(folder.lock, f"run {job.run_id}"):
+            folder.path.mkdir(parents=True, exist_ok=True)
+            folder.write_metrics({"status": "failed", "run_id": job.run_id, "swept": job.label,
+                                  "iterations": 0, "error": message})
+    return Outcome(job.run_id, "failed", folder, message)
 
 
 def describe_error(e: BaseException, cfg: config.Config) -> str:

@@ -17,7 +17,7 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from pipeline import batch, config, runs, weights
+from pipeline import batch, config, estimate, runs, scales, weights
 from pipeline.progress import Progress
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--cpus-per-run", type=float, metavar="N",
                      help="CPUs each Ray task holds, and its thread count (default: 1)")
     with_config("validate", "check a config and print it resolved, without running")
+    est = with_config("estimate", "each run's peak memory and time on this machine "
+                      "(calibrates once per machine)")
+    est.add_argument("--workers", type=int, default=1, metavar="N",
+                     help="as for run: N runs share the machine's memory")
     for name, help_text in (("status", "counts, each run's status and the time left"),
                             ("report", "write report.html, a contact sheet and loss curves")):
         sub = commands.add_parser(name, help=help_text, description=help_text)
@@ -87,6 +91,8 @@ def _main(argv) -> int:
         cfg = config.load(args.config, args.set)
         if args.command == "validate":
             return _validate(cfg)
+        if args.command == "estimate":
+            return _estimate(cfg, args.workers)
         return _run(cfg, args)
     except (config.ConfigError, weights.WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -94,6 +100,9 @@ def _main(argv) -> int:
     except runs.Locked as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_LOCKED
+    except estimate.EstimateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _validate(cfg: config.Config) -> int:
@@ -105,6 +114,42 @@ def _validate(cfg: config.Config) -> int:
         print(config.to_yaml(data))
     print(f"# {len(jobs)} run(s): config is valid", file=sys.stderr)
     return EXIT_OK
+
+
+def _estimate(cfg: config.Config, workers: int) -> int:
+    jobs = batch.plan(cfg)
+    estimates = estimate.for_jobs(jobs, workers, log=log.info)
+    for job in jobs:
+        one = estimates[job.run_id]
+        fits = "fits" if one.fits else f"does NOT fit: largest size {one.largest_size}"
+        print(f"{job.run_id}  {one.line().removeprefix('estimate: ')}  {fits}")
+    return EXIT_OK
+
+
+def _estimates(jobs, workers: int) -> dict:
+    """Each run's estimate, its line logged when the run starts. A single run that cannot
+    fit in memory is a usage error (exit 2, nothing started); in a batch, see _refuse."""
+    if estimate.skipped():
+        return {}
+    try:
+        estimates = estimate.for_jobs(jobs, workers, log=log.info)
+    except estimate.EstimateError as e:  # no estimate is no reason to keep a batch from running
+        log.warning("estimate unavailable, running without the memory check: %s", e)
+        return {}
+    for job in jobs:
+        job.estimate = estimates[job.run_id].line()
+    one = estimates[jobs[0].run_id] if len(jobs) == 1 else None
+    if one and not one.fits:
+        if (batch.folder_of(jobs[0]).read_metrics() or {}).get("status") != "completed":
+            raise config.ConfigError(one.refusal())
+    return estimates
+
+
+def _refuse(jobs, estimates) -> list[batch.Outcome]:
+    """In a batch, the runs that fit run; those that cannot are marked failed, their error
+    naming the largest size that fits (so the command exits 1)."""
+    return [batch.refuse(job, estimates[job.run_id].refusal()) for job in jobs
+            if job.run_id in estimates and not estimates[job.run_id].fits]
 
 
 def _run(cfg: config.Config, args) -> int:
@@ -120,6 +165,8 @@ def _run(cfg: config.Config, args) -> int:
         return EXIT_OK
     _check_weights(jobs)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
+    # Calibrated on this machine: it says nothing of a Ray cluster's nodes.
+    estimates = _estimates(jobs, args.workers) if args.executor == "local" else {}
     with runs.experiment_lock(exp):
         runs.remove_stale_temporaries(exp)
         log_file = exp / "experiment.log"
@@ -135,18 +182,22 @@ def _run(cfg: config.Config, args) -> int:
         else:
             log.info("%s: %d run(s), %d worker(s)", exp, len(jobs), args.workers)
         runs.write_plan(exp, [{"run_id": j.run_id, "label": j.label,
-                               "iterations": j.cfg.optimizer.iterations} for j in jobs],
+                               "iterations": scales.total_iterations(j.cfg)} for j in jobs],
                         executor.capacity if executor else args.workers)
         runs.write_table(exp)
+        refused = _refuse(jobs, estimates)
         stop = _install_stop_handlers()
 
         def finished(outcome):
             _say(outcome)
             runs.write_table(exp)  # kept current as runs finish
 
-        outcomes = batch.run_batch(
-            jobs, args.workers, args.retries, stop,
-            progress=lambda job: Progress(job.run_id, job.cfg.optimizer.iterations,
+        for outcome in refused:
+            finished(outcome)
+        skip = {o.run_id for o in refused}
+        outcomes = refused + batch.run_batch(
+            [job for job in jobs if job.run_id not in skip], args.workers, args.retries, stop,
+            progress=lambda job: Progress(job.run_id, scales.total_iterations(job.cfg),
                                           job.cfg.log_every),
             on_outcome=finished, log_file=str(log_file), executor=executor)
         counts = Counter(o.status for o in outcomes)

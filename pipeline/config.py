@@ -98,13 +98,21 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    # Coarse to fine: the long side of each stage, smallest first; the last one is `size`.
+    # Each stage starts from the previous stage's result, upsampled. []: one stage at `size`.
+    scales: list[int] = field(default_factory=list)
+    scale_iterations: list[int] | None = None  # per stage; None: optimizer.iterations each
+    # Masks (white: applies, black: not, grey: partly), resized to the generated image.
+    style_masks: list[str | None] | None = None  # one per style image; null: everywhere
+    content_mask: str | None = None  # where the content term counts; None: everywhere
     checkpoint_every: int = 50  # iterations between checkpoints; 0 turns them off
     log_every: int = 25  # iterations between log lines when the output is not a terminal
     sweep: dict[str, list] = field(default_factory=dict)
 
 
 # Keys whose values are file paths: relative ones are resolved against the file that set them.
-PATH_KEYS = ("content", "style", "init", "model.weights", "output_dir")
+PATH_KEYS = ("content", "style", "init", "model.weights", "output_dir", "style_masks",
+             "content_mask")
 # Keys that change how a run is watched or stored, not the pixels it makes: left out of the hash.
 UNHASHED_KEYS = ("name", "output_dir", "checkpoint_every", "log_every", "sweep")
 
@@ -448,6 +456,8 @@ def _check(cfg: Config) -> None:
     if cfg.model.weights not in WEIGHT_KINDS:
         need(os.path.isfile(cfg.model.weights), "model.weights", f"'{cfg.model.weights}' is "
              f"neither one of {', '.join(WEIGHT_KINDS)} nor an existing weights file")
+    _check_scales(cfg)
+    _check_masks(cfg)
     known = dotted_keys()
     for key, values in cfg.sweep.items():
         need(key in known and key != "sweep", f"sweep.{key}", _unknown(key, known))
@@ -468,6 +478,52 @@ def _check_weights(weights, count: int, key: str, what: str) -> None:
         raise ConfigError(f"{key}: has {len(weights)} values for {count} {what}")
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ConfigError(f"{key}: must be non-negative with a positive sum")
+
+
+def _check_scales(cfg: Config) -> None:
+    scales, per_stage = cfg.scales, cfg.scale_iterations
+    if scales:
+        if any(not 16 <= s <= MAX_SIZE for s in scales):
+            raise ConfigError(f"scales: each stage must be between 16 and {MAX_SIZE} pixels")
+        if any(a >= b for a, b in zip(scales, scales[1:])):
+            raise ConfigError(f"scales: must grow from stage to stage, got {scales}")
+        if scales[-1] != cfg.size:
+            raise ConfigError(f"scales: the last stage is the result's size, so it must equal "
+                              f"size ({cfg.size}), got {scales[-1]}")
+    if per_stage is not None:
+        if not scales:
+            raise ConfigError("scale_iterations: needs scales (one number per stage)")
+        if len(per_stage) != len(scales):
+            raise ConfigError(f"scale_iterations: has {len(per_stage)} values for "
+                              f"{len(scales)} stages in scales")
+        if any(n < 1 for n in per_stage):
+            raise ConfigError("scale_iterations: each stage needs at least 1 iteration")
+
+
+def _check_masks(cfg: Config) -> None:
+    masks, styles = cfg.style_masks, style_list(cfg.style)
+    # A style glob's count is known only once expanded: each expanded run is checked again.
+    if masks is not None and not any(_is_glob(s) for s in styles) and len(masks) != len(
+            styles):
+        raise ConfigError(f"style_masks: has {len(masks)} masks for {len(styles)} style "
+                          "images (one per style image; null for everywhere)")
+    named = [(f"style_masks[{i}]", m) for i, m in enumerate(masks or [])]
+    for key, path in [*named, ("content_mask", cfg.content_mask)]:
+        if path is not None:
+            _check_image_file(path, key)
+
+
+def _check_image_file(path: str, key: str) -> None:
+    """The file exists and its header is an image's (decoding waits for the run)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"{key}: file not found: {path}")
+    try:
+        with Image.open(path):
+            pass
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise ConfigError(f"{key}: not a readable image: {path} ({type(e).__name__})") from None
 
 
 # --------------------------------------------------------------------------- entry points
@@ -564,6 +620,10 @@ def config_hash(cfg: Config) -> str:
     data["style"] = [_file_digest(s) for s in style_list(cfg.style)]
     if cfg.init not in INIT_KINDS:
         data["init"] = _file_digest(cfg.init)
+    if cfg.style_masks is not None:
+        data["style_masks"] = [m and _file_digest(m) for m in cfg.style_masks]
+    if cfg.content_mask is not None:
+        data["content_mask"] = _file_digest(cfg.content_mask)
     if cfg.model.weights not in WEIGHT_KINDS:  # by content: two files may share a name
         data["model"]["weights"] = _file_digest(cfg.model.weights)
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
@@ -579,7 +639,10 @@ def run_id(cfg: Config, label: dict | None = None) -> str:
     if label:
         parts = []
         for key, value in label.items():
-            shown = Path(value).stem if key in PATH_KEYS and isinstance(value, str) else value
+            shown = value
+            if key in PATH_KEYS and isinstance(value, (str, list)):  # file names, not paths
+                shown = "+".join(Path(v).stem if isinstance(v, str) else str(v)
+                                 for v in (value if isinstance(value, list) else [value]))
             parts.append(f"{key.rpartition('.')[2]}-{shown}")
         words = "_".join(parts)
     else:

@@ -127,6 +127,20 @@ def resize_to(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.clip(np.stack(channels, axis=2), 0, 255)
 
 
+def load_mask(path) -> np.ndarray:
+    """A mask image as a float32 (H, W) array in 0..1: the mean of its RGB channels, white 1
+    and black 0; transparent pixels count as black. A mask black everywhere is refused."""
+    mask = load_image(path, background=(0, 0, 0)).mean(axis=2) / 255
+    if not mask.any():
+        raise _error(path, "mask is black everywhere: it would select nothing")
+    return mask.astype(np.float32)
+
+
+def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Scale a (H, W) mask in 0..1 to exactly `shape`, stretching if the aspect differs."""
+    return resize_to(np.asarray(mask, np.float32)[:, :, None] * 255, shape)[:, :, 0] / 255
+
+
 @contextlib.contextmanager
 def _atomic_open(path):
     """Yield a binary file that replaces `path` only once everything was written.

@@ -3,6 +3,17 @@
 Where it departs from the paper: every term is a mean, not a sum, so weights mean the same
 at every image size; the Gram matrix is divided by the number of positions; several style
 images blend by a weighted sum of their Gram matrices.
+
+Masks (spatial control, after Gatys et al. 2017, "Controlling Perceptual Factors in Neural
+Style Transfer"): a style with a mask matches its own Gram matrix on the masked region of
+the generated image only. The mask is average-pooled 2x2 as the network pools, so it has
+each layer's resolution, and multiplies the features before the Gram matrix, as the paper's
+guidance channels do. Departures: the guided Gram is divided by sum(m^2), the weighted count
+of the region's positions (for a 0/1 mask, its number of positions), so it is the region's
+mean and compares with the whole style image's Gram at any region size; the paper keeps the
+ordinary normalisation and takes its target from a matching region of the style image, here
+it is the whole style image. Masked styles are not blended: each matches its own region, and
+the blend weights weigh the styles' terms.
 """
 
 from __future__ import annotations
@@ -19,8 +30,35 @@ def gram(features):
     return ops.einsum("bhwc,bhwd->bcd", features, features) / (h * w)
 
 
+def masked_gram(features, mask):
+    """(F m)^T (F m) / sum(m^2) for features (B, H, W, C) and a mask (H, W) at their
+    resolution: the Gram matrix of the masked region (see the module's note)."""
+    fm = features * mask[None, :, :, None]
+    return ops.einsum("bhwc,bhwd->bcd", fm, fm) / ops.maximum(ops.sum(mask * mask), 1e-12)
+
+
 def content_loss(features, target):
     return ops.mean(ops.square(features - target))
+
+
+def masked_content_loss(features, target, mask):
+    """The content term on the masked region: sum(m (F - P)^2) / (sum(m) C), a weighted mean
+    that equals content_loss when m is 1 everywhere."""
+    channels = features.shape[-1]
+    weighted = ops.sum(ops.square(features - target) * mask[None, :, :, None])
+    return weighted / (ops.maximum(ops.sum(mask), 1e-12) * channels)
+
+
+def downsample_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A (H, W) mask average-pooled 2x2 (stride 2, odd edges dropped, as VGG's pooling does)
+    until it has `shape`, a layer's resolution."""
+    m = np.asarray(mask, dtype=np.float32)
+    while m.shape != tuple(shape):
+        h, w = m.shape
+        if h // 2 < shape[0] or w // 2 < shape[1]:
+            raise ValueError(f"a {w}x{h} mask cannot be pooled to {shape[1]}x{shape[0]}")
+        m = m[: h // 2 * 2, : w // 2 * 2].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+    return m
 
 
 def style_loss(gram_x, target_gram):
@@ -48,8 +86,11 @@ class Objective:
     Returns (total, terms), the terms unweighted: content, style and tv.
     """
 
-    def __init__(self, extractor, layer_names, cfg, content, styles):
-        """content (H, W, 3) and styles [(h, w, 3), ...] are RGB arrays in 0..255."""
+    def __init__(self, extractor, layer_names, cfg, content, styles, style_masks=None,
+                 content_mask=None):
+        """content (H, W, 3) and styles [(h, w, 3), ...] are RGB arrays in 0..255; masks are
+        (H, W) arrays in 0..1 at the content's shape: one per style (None: everywhere), or
+        style_masks None for the blended objective."""
         self.extractor = extractor
         self.index = {name: i for i, name in enumerate(layer_names)}
         m, loss = cfg.model, cfg.loss
@@ -66,6 +107,23 @@ class Objective:
             name: sum(b * gram(f[self.index[name]]) for b, f in zip(blend, style_features))
             for name, _ in self.style_layers
         }
+        # Masks at each layer's resolution, constants like the targets.
+        shapes = {n: tuple(content_features[i].shape[1:3]) for n, i in self.index.items()}
+
+        def pooled(mask, names):
+            return {n: ops.convert_to_tensor(downsample_mask(mask, shapes[n])) for n in names}
+
+        self.content_masks = None
+        if content_mask is not None:
+            self.content_masks = pooled(content_mask, [n for n, _ in self.content_layers])
+        self.regions = None  # with style masks: [(blend weight, {layer: (mask, target)})]
+        if style_masks is not None:
+            style_names = [n for n, _ in self.style_layers]
+            self.regions = []
+            for b, f, m in zip(blend, style_features, style_masks):
+                masks = {} if m is None else pooled(m, style_names)
+                self.regions.append((b, {n: (masks.get(n), gram(f[self.index[n]]))
+                                         for n in style_names}))
 
     def _features(self, images):
         """Per image, the list of its feature maps (each (1, h, w, c)), batching equal shapes."""
@@ -83,11 +141,29 @@ class Objective:
     def __call__(self, x):
         """x: the generated image, (H, W, 3) pixels in 0..255, a backend tensor."""
         maps = self.extractor(preprocess(x[None]))
-        content = sum(w * content_loss(maps[self.index[n]], self.content_targets[n])
-                      for n, w in self.content_layers)
-        style = sum(w * style_loss(gram(maps[self.index[n]]), self.style_targets[n])
-                    for n, w in self.style_layers)
+        content = sum(w * self._content(maps[self.index[n]], n) for n, w in self.content_layers)
+        style = sum(w * self._style(maps[self.index[n]], n) for n, w in self.style_layers)
         tv = total_variation(x)
         cw, sw, tw = self.weights
         total = cw * content + sw * style + tw * tv
         return total, {"content": content, "style": style, "tv": tv}
+
+    def _content(self, features, name):
+        if self.content_masks is None:
+            return content_loss(features, self.content_targets[name])
+        return masked_content_loss(features, self.content_targets[name],
+                                   self.content_masks[name])
+
+    def _style(self, features, name):
+        if self.regions is None:
+            return style_loss(gram(features), self.style_targets[name])
+        whole = None  # the ordinary Gram, computed once for all unmasked styles
+        loss = 0.0
+        for b, layers in self.regions:
+            mask, target = layers[name]
+            if mask is None:
+                whole = gram(features) if whole is None else whole
+                loss = loss + b * style_loss(whole, target)
+            else:
+                loss = loss + b * style_loss(masked_gram(features, mask), target)
+        return loss

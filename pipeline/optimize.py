@@ -34,6 +34,7 @@ class Step:
     total: float
     terms: dict
     image: np.ndarray = field(repr=False)  # (H, W, 3) float32: the iterate
+    stage: int = 1  # the coarse-to-fine stage (see scales.py); set by the caller
 
 
 @dataclass

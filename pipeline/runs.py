@@ -59,14 +59,20 @@ class RunFolder:
                 break  # a line torn by a kill: it and anything after it is not trusted
         return rows
 
-    def load_state(self) -> tuple[np.ndarray, tuple[int, int, float]] | None:
-        """The latest checkpoint: (image, (iterations, evaluations, seconds)), or None."""
+    def load_state(self) -> dict | None:
+        """The latest checkpoint's state, or None: a dict of its named arrays, at least
+        `image` (float32), `iteration`, `evaluations`, `seconds` and `stage`, plus whatever
+        else was saved with it (save_checkpoint's `extra`)."""
         try:
-            with np.load(self.state) as state:
-                done = (int(state["iteration"]), int(state["evaluations"]), float(state["seconds"]))
-                return state["image"].astype(np.float32), done
+            with np.load(self.state) as saved:
+                state = {key: saved[key] for key in saved.files}
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
             return None  # missing, or torn by a kill: the caller starts the run again
+        if not {"image", "iteration", "evaluations", "seconds"} <= state.keys():
+            return None
+        state["image"] = state["image"].astype(np.float32)
+        state.setdefault("stage", np.int64(1))  # saved before coarse to fine existed
+        return state
 
     # ---------------------------------------------------------------- writing
 
@@ -86,13 +92,15 @@ class RunFolder:
         with open(self.trace, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def save_checkpoint(self, image: np.ndarray, done: tuple[int, int, float], text: dict) -> None:
-        """A PNG to look at, and the float state to resume from (written after the PNG, so
-        the state never points past an image that is missing)."""
+    def save_checkpoint(self, image: np.ndarray, done: tuple[int, int, float], text: dict,
+                        extra: dict | None = None, label: str = "") -> None:
+        """A PNG to look at (`<label>iter_<iteration>.png`), and the state to resume from:
+        the float image, the counts and `extra` named arrays (the stage, an optimiser's
+        memory), written after the PNG, so the state never points past a missing image."""
         iteration, evaluations, seconds = done
-        images.save_png(self.checkpoints / f"iter_{iteration:06d}.png", image, text)
+        images.save_png(self.checkpoints / f"{label}iter_{iteration:06d}.png", image, text)
         buffer = io.BytesIO()
-        np.savez(buffer, image=image.astype(np.float32), iteration=iteration,
+        np.savez(buffer, **(extra or {}), image=image.astype(np.float32), iteration=iteration,
                  evaluations=evaluations, seconds=seconds)
         images.atomic_write(self.state, buffer.getvalue())
 
@@ -120,6 +128,8 @@ def trace_row(step) -> dict:
         "seconds": round(step.seconds, 4),
         "total": step.total,
         **step.terms,
+        "stage": step.stage,
+        "size": max(step.image.shape[:2]),  # the stage's long side
     }
 
 

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import keras
 import numpy as np
 
-from pipeline import autodiff, images, model, optimize
+from pipeline import autodiff, images, model, optimize, scales
 from pipeline.config import Config
 from pipeline.losses import Objective
 
+# Ends of a stage after which the next stage starts (an abnormal end still has a best image).
+_STAGE_DONE = (optimize.COMPLETED, optimize.CONVERGED, optimize.ABNORMAL)
 
-def prepare(cfg: Config, content: np.ndarray, styles: list[np.ndarray]):
-    """Content scaled to `size` on its long side; each style to the same long side."""
-    content = images.resize_long_side(content, cfg.size)
-    return content, [images.resize_long_side(s, cfg.size) for s in styles]
+
+def prepare(cfg: Config, content: np.ndarray, styles: list[np.ndarray], size: int | None = None):
+    """Content scaled to `size` (default cfg.size) on its long side; each style to the same
+    long side."""
+    size = size or cfg.size
+    content = images.resize_long_side(content, size)
+    return content, [images.resize_long_side(s, size) for s in styles]
 
 
 def initial_image(cfg: Config, content, styles, init_image=None) -> np.ndarray:
@@ -35,20 +41,60 @@ def stylize(
     init_image: np.ndarray | None = None,
     on_step: Callable[[optimize.Step], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
-    resume: tuple[np.ndarray, tuple[int, int, float]] | None = None,
+    resume: dict | None = None,
+    style_masks: list[np.ndarray | None] | None = None,
+    content_mask: np.ndarray | None = None,
 ) -> tuple[optimize.Result, str]:
-    """Optimise an image for `cfg`. Images are RGB float arrays in 0..255, any size.
+    """Optimise an image for `cfg`. Images are RGB float arrays in 0..255, any size; masks
+    are (H, W) arrays in 0..1, any size (each is resized to the generated image's shape).
 
-    `resume` is (image, (iterations, evaluations, seconds)) from a checkpoint of this run.
-    Returns the optimiser's Result and a description of the weights that were loaded.
+    Coarse to fine (`scales`): each stage optimises at its own size, with the content and
+    style targets (and masks) recomputed at that size, starting from the previous stage's
+    best image upsampled. `resume` is a checkpoint's state (runs.RunFolder.load_state): the
+    run goes on in the stage and at the iteration it was saved at.
+    Returns the last stage's Result (with the first stage's initial loss) and a description
+    of the weights that were loaded.
     """
     keras.utils.set_random_seed(cfg.seed)
-    content, styles = prepare(cfg, content, styles)
     extractor, layer_names, weights = model.feature_extractor(cfg.model, cfg.seed)
-    objective = Objective(extractor, layer_names, cfg, content, styles)
-    vg = autodiff.value_and_grad(objective, extractor.variables)
-    x0, done = resume if resume else (initial_image(cfg, content, styles, init_image), (0, 0, 0.0))
-    opt = cfg.optimizer
-    result = optimize.minimize(vg, x0, opt.iterations, opt.history, on_step, should_stop, done,
-                               ftol=opt.ftol, gtol=opt.gtol)
-    return result, weights
+    plan = scales.stages(cfg)
+    if resume:
+        x = resume["image"]
+        done = (int(resume["iteration"]), int(resume["evaluations"]), float(resume["seconds"]))
+        start = scales.resume_point(plan, int(resume.get("stage", 1)), done[0])
+    else:
+        x, done, start = None, (0, 0, 0.0), 1
+    initial = None
+    for stage in plan[start - 1:]:
+        content_s, styles_s = prepare(cfg, content, styles, stage.size)
+        shape = content_s.shape[:2]
+        objective = Objective(
+            extractor, layer_names, cfg, content_s, styles_s,
+            style_masks=None if style_masks is None else [
+                None if m is None else images.resize_mask(m, shape) for m in style_masks],
+            content_mask=None if content_mask is None else images.resize_mask(content_mask,
+                                                                              shape),
+        )
+        vg = autodiff.value_and_grad(objective, extractor.variables)
+        if x is None:
+            x0 = initial_image(cfg, content_s, styles_s, init_image)
+        elif done[0] >= stage.first:  # resumed inside this stage: the checkpoint's own pixels
+            if x.shape[:2] != shape:
+                raise ValueError(f"checkpoint image is {x.shape[1]}x{x.shape[0]}, stage "
+                                 f"{stage.index} works at {shape[1]}x{shape[0]}")
+            x0 = x
+        else:  # the previous stage's image, upsampled (Lanczos) to this stage's size
+            x0 = images.resize_to(x, shape)
+        stage_step = None
+        if on_step is not None:
+            def stage_step(step, index=stage.index):
+                on_step(dataclasses.replace(step, stage=index))
+        opt = cfg.optimizer
+        result = optimize.minimize(vg, x0, stage.last, opt.history, stage_step, should_stop,
+                                   done, ftol=opt.ftol, gtol=opt.gtol)
+        initial = initial or result.initial
+        if result.reason not in _STAGE_DONE or stage is plan[-1]:
+            break
+        # The next stage's numbers start after this stage's budget, even if it converged early.
+        x, done = result.image, (stage.last, result.evaluations, result.seconds)
+    return dataclasses.replace(result, initial=initial), weights

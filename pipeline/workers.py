@@ -86,13 +86,13 @@ def _should_stop() -> bool:
 
 
 def _work(job):
-    from pipeline import batch
+    from pipeline import batch, scales
     from pipeline.progress import Progress
 
     with _busy:
         if _should_stop():  # queued before the stop; not started, so nothing to save
             return None
-        progress = Progress(job.run_id, job.cfg.optimizer.iterations, job.cfg.log_every,
+        progress = Progress(job.run_id, scales.total_iterations(job.cfg), job.cfg.log_every,
                             bar=False)
         return batch.run_one(job, progress, _should_stop)
 

@@ -14,6 +14,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ["PIPELINE_OFFLINE"] = "1"
+# The memory estimate calibrates once per machine (~30 s); only its own tests pay for it.
+os.environ.setdefault("PIPELINE_SKIP_ESTIMATE", "1")
 os.environ.setdefault("KERAS_HOME", tempfile.mkdtemp(prefix="keras-home-"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

@@ -62,7 +62,8 @@ def test_a_resume_stopped_before_any_new_iteration_keeps_the_best_image(tmp_path
     # The checkpoint may hold a worse image than result.png (the best point evaluated can be
     # a line-search trial, not the last iterate): here a flat grey one.
     state = folder.load_state()
-    folder.save_checkpoint(np.full_like(state[0], 128), state[1], {})
+    done = (int(state["iteration"]), int(state["evaluations"]), float(state["seconds"]))
+    folder.save_checkpoint(np.full_like(state["image"], 128), done, {})
 
     second = batch.run_one(job, should_stop=lambda: True)
     assert second.status == "interrupted"

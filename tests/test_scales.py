@@ -1,0 +1,122 @@
+"""Coarse to fine: the stage plan against hand-written numbers, config checks, and real
+two-stage runs (in process: the real VGG19 with random weights and scipy), interrupted and
+resumed at the stage and iteration where they stopped."""
+
+import json
+
+import pytest
+from conftest import write_config
+
+from pipeline import batch, config, scales
+from pipeline.images import load_image, read_png_text, save_png
+
+
+def _cfg(**extra):
+    return config.Config(content="c.png", style=["s.png"], **extra)
+
+
+def test_stages_are_numbered_across_the_run():
+    cfg = _cfg(size=64, scales=[16, 32, 64], scale_iterations=[3, 2, 4])
+    plan = scales.stages(cfg)
+    assert [(s.index, s.size, s.first, s.last) for s in plan] == [
+        (1, 16, 1, 3), (2, 32, 4, 5), (3, 64, 6, 9)]
+    assert scales.total_iterations(cfg) == 9
+    # Without scale_iterations each stage gets optimizer.iterations; without scales, one stage.
+    cfg = _cfg(size=64, scales=[32, 64], optimizer=config.OptimizerConfig(iterations=7))
+    assert [(s.first, s.last) for s in scales.stages(cfg)] == [(1, 7), (8, 14)]
+    assert [(s.size, s.first, s.last) for s in scales.stages(_cfg(size=40))] == [(40, 1, 500)]
+    # Resuming: inside a stage stays there; a checkpoint that ended its stage goes on to the next.
+    assert scales.resume_point(plan, 1, 2) == 1
+    assert scales.resume_point(plan, 1, 3) == 2
+    assert scales.resume_point(plan, 2, 4) == 2
+    assert scales.resume_point(plan, 3, 9) == 3
+    with pytest.raises(ValueError, match="does not fit"):
+        scales.resume_point(plan, 1, 5)
+
+
+@pytest.mark.parametrize("extra, key", [
+    ({"scales": [32, 16]}, "scales: must grow"),
+    ({"scales": [16, 24]}, "must equal size"),
+    ({"scales": [8, 32]}, "scales: each stage"),
+    ({"scales": [16, 32], "scale_iterations": [5]}, "scale_iterations: has 1 values for 2"),
+    ({"scales": [16, 32], "scale_iterations": [5, 0]}, "scale_iterations: each stage"),
+    ({"scale_iterations": [5]}, "scale_iterations: needs scales"),
+])
+def test_bad_scales_are_refused_naming_the_key(tmp_path, extra, key):
+    path = write_config(tmp_path, size=32, **extra)
+    with pytest.raises(config.ConfigError, match=key):
+        config.load(path)
+
+
+def test_scales_are_part_of_the_run_id_and_sweepable(tmp_path):
+    path = write_config(tmp_path, size=32, sweep={"scales": [[32], [16, 32]]})
+    jobs = batch.plan(config.load(path))
+    assert [j.cfg.scales for j in jobs] == [[32], [16, 32]]
+    assert jobs[0].run_id != jobs[1].run_id
+
+
+def _rows(folder):
+    return [json.loads(line) for line in folder.trace.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two_stage(tmp_path_factory):
+    """A 2-stage run (24 then 48 px, 4 + 3 iterations) stopped twice on request (after
+    iteration 3, in stage 1, and after 5, in stage 2) and resumed twice; the metrics and
+    checkpoint state are read after each part."""
+    folder = tmp_path_factory.mktemp("c2f")
+    path = write_config(folder, name="c2f", size=48, scales=[24, 48], scale_iterations=[4, 3],
+                        checkpoint_every=2)
+    (job,) = batch.plan(config.load(path))
+    parts = []
+    for stop_after in (3, 5, None):
+        steps = []
+        outcome = batch.run_one(job, steps.append, lambda n=stop_after, s=steps: n is not None
+                                and bool(s) and s[-1].iteration >= n)
+        parts.append({"outcome": outcome, "metrics": outcome.folder.read_metrics(),
+                      "state": outcome.folder.load_state(),
+                      "result": load_image(outcome.folder.result).shape,
+                      "steps": [(s.iteration, s.stage) for s in steps]})
+        if stop_after == 3:
+            # Make stage 1's image unbeatable on loss: a resumed stage 2 must still replace it.
+            folder = outcome.folder
+            zero = json.dumps({"total": 0.0, "content": 0.0, "style": 0.0, "tv": 0.0})
+            save_png(folder.result, load_image(folder.result),
+                     {**read_png_text(folder.result), "loss": zero})
+    return parts, outcome.folder
+
+
+def test_a_stopped_two_stage_run_resumes_where_it_stopped(two_stage):
+    parts, folder = two_stage
+    first, second, last = parts
+    assert first["metrics"]["status"] == "interrupted"
+    assert first["metrics"]["iterations"] == 3 and first["steps"][-1] == (3, 1)
+    assert (int(first["state"]["stage"]), int(first["state"]["iteration"])) == (1, 3)
+    assert second["metrics"]["resumed_from"] == 3
+    # The resumed part runs iteration 4 (stage 1's last) at 24 px, then stage 2 from 5.
+    assert second["steps"] == [(4, 1), (5, 2)]
+    assert (int(second["state"]["stage"]), int(second["state"]["iteration"])) == (2, 5)
+    assert second["state"]["image"].shape == (40, 48, 3)  # stage 2's size: the content's shape
+    # result.png is the current stage's best: a smaller stage's image never wins on loss alone.
+    assert first["result"] == (20, 24, 3) and second["result"] == (40, 48, 3)
+    assert last["outcome"].status == "completed"
+    assert last["steps"] == [(6, 2), (7, 2)]
+    assert last["metrics"]["iterations"] == 7 and last["metrics"]["resumed_from"] == 5
+
+
+def test_two_stage_trace_checkpoints_and_result(two_stage):
+    parts, folder = two_stage
+    rows = _rows(folder)
+    assert [r["iteration"] for r in rows] == list(range(1, 8))
+    assert [r["stage"] for r in rows] == [1, 1, 1, 1, 2, 2, 2]
+    assert [r["size"] for r in rows] == [24] * 4 + [48] * 3
+    # The content is 40x48: 20x24 in stage 1, 40x48 in stage 2 (the result).
+    assert load_image(folder.result).shape == (40, 48, 3)
+    names = sorted(p.name for p in folder.checkpoints.glob("*.png"))
+    assert {"stage1_iter_000002.png", "stage1_iter_000004.png",
+            "stage2_iter_000006.png"} <= set(names)
+    assert load_image(folder.checkpoints / "stage1_iter_000002.png").shape == (20, 24, 3)
+    assert load_image(folder.checkpoints / "stage2_iter_000006.png").shape == (40, 48, 3)
+    stages = parts[-1]["metrics"]["stages"]
+    assert stages == [{"stage": 1, "size": 24, "iterations": [1, 4]},
+                      {"stage": 2, "size": 48, "iterations": [5, 7]}]
