@@ -218,13 +218,12 @@ def _run(cfg: config.Config, args) -> int:
 
 
 def _check_weights(jobs) -> None:
-    """Fetch or find the ImageNet file once, before anything is created: without it every
-    run would fail alike, each in a folder of its own. Runs already completed need nothing."""
-    for job in jobs:
-        if job.cfg.model.weights == "imagenet" and (
-                batch.folder_of(job).read_metrics() or {}).get("status") != "completed":
-            weights.imagenet_file()
-            return
+    """Fetch or find each network's ImageNet file once, before anything is created: without
+    it every run would fail alike, each in a folder of its own. Completed runs need nothing."""
+    networks = {job.cfg.model.network for job in jobs if job.cfg.model.weights == "imagenet"
+                and (batch.folder_of(job).read_metrics() or {}).get("status") != "completed"}
+    for network in sorted(networks):
+        weights.imagenet_file(network)
 
 
 def _check_executor(args) -> None:

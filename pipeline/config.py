@@ -25,13 +25,26 @@ from pathlib import Path
 
 import yaml
 
-# VGG19's convolutions per block, and their layer names as Keras spells them.
-VGG19_BLOCK_CONVS = (2, 2, 4, 4, 4)
-VGG19_CONV_LAYERS = tuple(
-    f"block{block}_conv{i}"
-    for block, convs in enumerate(VGG19_BLOCK_CONVS, start=1)
-    for i in range(1, convs + 1)
-)
+# The networks: convolutions per block; both have 64, 128, 256, 512, 512 channels per block.
+BLOCK_CONVS = {"vgg19": (2, 2, 4, 4, 4), "vgg16": (2, 2, 3, 3, 3)}
+BLOCK_CHANNELS = (64, 128, 256, 512, 512)
+NETWORKS = tuple(BLOCK_CONVS)
+
+
+def conv_layers(network: str) -> tuple[str, ...]:
+    """A network's convolution layers as Keras names them, in order ('block1_conv1', ...)."""
+    return tuple(f"block{block}_conv{i}"
+                 for block, convs in enumerate(BLOCK_CONVS[network], start=1)
+                 for i in range(1, convs + 1))
+
+
+def layer_channels(layer: str) -> int:
+    """C_l of a conv layer ('block3_conv2' -> 256), the same in both networks."""
+    return BLOCK_CHANNELS[int(layer[len("block")]) - 1]
+
+
+VGG19_CONV_LAYERS = conv_layers("vgg19")
+COLOR_MODES = ("none", "luminance", "histogram")
 INIT_KINDS = ("content", "noise", "style")
 WEIGHT_KINDS = ("imagenet", "random")
 POOLINGS = ("avg", "max")
@@ -45,27 +58,39 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------- the schema
 
 
+# The default objective is jcjohnson/neural-style's (tuned by many people on the same Caffe
+# VGG19 weights Keras ships), converted exactly into this objective; README, "Where the
+# defaults come from", has the derivation and configs/recipes/neural-style.yaml the rest of it.
+_NEURAL_STYLE_LAYERS = [f"block{b}_conv1" for b in range(1, 6)]  # its relu1_1 .. relu5_1
+
+
 @dataclass
 class ModelConfig:
+    network: str = "vgg19"  # vgg19 | vgg16 (Keras's architectures and layer names)
     weights: str = "imagenet"  # imagenet | random | a path to a weights file
-    pooling: str = "avg"  # the paper replaces VGG's max pooling by average pooling
+    # neural-style keeps VGG's max pooling, and its weights were tuned with it; the paper
+    # swaps in average pooling, which changes every layer's scale (and so the balance).
+    pooling: str = "max"
     content_layers: list[str] = field(default_factory=lambda: ["block4_conv2"])
-    style_layers: list[str] = field(
-        default_factory=lambda: [f"block{b}_conv1" for b in range(1, 6)]
-    )
+    style_layers: list[str] = field(default_factory=lambda: list(_NEURAL_STYLE_LAYERS))
     content_layer_weights: list[float] | None = None  # None: equal weights
+    # None: proportional to 1 / C_l^2 (C_l the layer's channels), which is neural-style's
+    # Gram normalisation by C*H*W, for whatever style layers are chosen; see style_weights().
     style_layer_weights: list[float] | None = None
 
 
 @dataclass
 class LossConfig:
-    # The objective uses means, not the paper's sums, so these weights carry across image
-    # sizes. The defaults are a starting point, converted by hand from the keras.io VGG19
-    # example's weights to this objective. style_weight / content_weight sets how painterly
-    # it gets.
-    content_weight: float = 1.0
-    style_weight: float = 1e-2
-    tv_weight: float = 1e-1
+    # Means, not sums, so these weights carry across image sizes (tv_weight aside, below).
+    # neural-style: content 5 on an MSE (a mean, as here); style 100 per layer on the MSE of
+    # Gram matrices divided by C*H*W, which is ours divided by C: 100 / C_l^2 per layer, i.e.
+    # 100 * sum_l 1/C_l^2 spread over the layers in proportion to 1/C_l^2 (the None rule).
+    content_weight: float = 5.0
+    style_weight: float = 100 * sum(1 / layer_channels(n) ** 2 for n in _NEURAL_STYLE_LAYERS)
+    # neural-style's TV is (1e-3 / 2) * a sum of squared differences of its 0..256-scaled
+    # pixels; ours a mean of 0..255 ones. Equal for a square 512 x 512 image (~395.5);
+    # its sum grows with the pixel count, so at other sizes its TV weighs more or less.
+    tv_weight: float = 1e-3 / 2 * (256 / 255) ** 2 * 3 * 512 * 511
 
 
 @dataclass
@@ -92,6 +117,8 @@ class Config:
     style: str | list[str] = field(default_factory=list)
     style_blend: list[float] | None = None  # one weight per style image; None: equal
     size: int = 512  # long side of the generated image, in pixels
+    style_scale: float = 1.0  # style images' long side is ceil(style_scale * size)
+    preserve_colors: str = "none"  # none | luminance | histogram (Gatys et al. 2016)
     init: str = "content"  # content | noise | style | an image path
     seed: int = 0
     background: list[int] = field(default_factory=lambda: [255, 255, 255])
@@ -115,6 +142,19 @@ PATH_KEYS = ("content", "style", "init", "model.weights", "output_dir", "style_m
              "content_mask")
 # Keys that change how a run is watched or stored, not the pixels it makes: left out of the hash.
 UNHASHED_KEYS = ("name", "output_dir", "checkpoint_every", "log_every", "sweep")
+
+
+def style_weights(model: ModelConfig) -> list[float]:
+    """The style layers' weights as set, or by default 1 / C_l^2 each (before normalising)."""
+    if model.style_layer_weights is not None:
+        return list(model.style_layer_weights)
+    return [1 / layer_channels(layer) ** 2 for layer in model.style_layers]
+
+
+def style_size(cfg: Config, size: int | None = None) -> int:
+    """The style images' long side for an image of long side `size` (default cfg.size):
+    ceil, as neural-style's -style_scale computes it."""
+    return math.ceil(cfg.style_scale * (size or cfg.size))
 
 
 def dotted_keys(cls=Config, prefix="") -> dict[str, type]:
@@ -425,6 +465,14 @@ def _check(cfg: Config) -> None:
     need(cfg.checkpoint_every >= 0, "checkpoint_every", "must be 0 (off) or more")
     need(cfg.log_every >= 1, "log_every", "must be at least 1")
     need(cfg.model.pooling in POOLINGS, "model.pooling", f"must be one of {', '.join(POOLINGS)}")
+    need(cfg.model.network in NETWORKS, "model.network", f"must be one of {', '.join(NETWORKS)}")
+    need(cfg.preserve_colors in COLOR_MODES, "preserve_colors",
+         f"must be one of {', '.join(COLOR_MODES)}")
+    need(math.isfinite(cfg.style_scale) and cfg.style_scale > 0, "style_scale",
+         "must be a positive number")
+    need(16 <= style_size(cfg) <= MAX_SIZE, "style_scale", f"style images would be "
+         f"{style_size(cfg)} px on their long side (style_scale * size); that must be between "
+         f"16 and {MAX_SIZE}")
     need(
         len(cfg.background) == 3 and all(0 <= c <= 255 for c in cfg.background),
         "background",
@@ -436,10 +484,12 @@ def _check(cfg: Config) -> None:
         layers = getattr(cfg.model, f"{group}_layers")
         key = f"model.{group}_layers"
         need(bool(layers), key, "needs at least one layer")
+        known_layers = conv_layers(cfg.model.network)
         for layer in layers:
-            close = difflib.get_close_matches(layer, VGG19_CONV_LAYERS, n=1)
+            close = difflib.get_close_matches(layer, known_layers, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            need(layer in VGG19_CONV_LAYERS, key, f"'{layer}' is not a VGG19 conv layer{hint}")
+            need(layer in known_layers, key,
+                 f"'{layer}' is not a {cfg.model.network.upper()} conv layer{hint}")
         _check_weights(getattr(cfg.model, f"{group}_layer_weights"), len(layers),
                        f"model.{group}_layer_weights", f"{group}_layers")
     if not any(_is_glob(s) for s in styles):  # else checked per run, once globs are expanded

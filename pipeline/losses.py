@@ -2,7 +2,8 @@
 
 Where it departs from the paper: every term is a mean, not a sum, so weights mean the same
 at every image size; the Gram matrix is divided by the number of positions; several style
-images blend by a weighted sum of their Gram matrices.
+images blend by a weighted sum of their Gram matrices. Style layers weigh 1 / C_l^2 each
+unless set (config.style_weights): neural-style's Gram normalisation by C*H*W.
 
 Masks (spatial control, after Gatys et al. 2017, "Controlling Perceptual Factors in Neural
 Style Transfer"): a style with a mask matches its own Gram matrix on the masked region of
@@ -21,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 from keras import ops
 
+from pipeline.config import style_weights
 from pipeline.model import preprocess
 
 
@@ -97,7 +99,7 @@ class Objective:
         self.content_layers = list(zip(m.content_layers,
                                        normalised(m.content_layer_weights, len(m.content_layers))))
         self.style_layers = list(zip(m.style_layers,
-                                     normalised(m.style_layer_weights, len(m.style_layers))))
+                                     normalised(style_weights(m), len(m.style_layers))))
         self.weights = (loss.content_weight, loss.style_weight, loss.tv_weight)
         # The targets: a handful of VGG19 passes, each image once (images of one shape together).
         content_features, *style_features = self._features([content, *styles])

@@ -1,5 +1,5 @@
-"""VGG19 as a feature extractor: Keras's architecture and layer names, the pooling of choice,
-and weights from ImageNet, a local file, or a seeded random draw."""
+"""VGG19 or VGG16 as a feature extractor: Keras's architectures and layer names, the pooling
+of choice, and weights from ImageNet, a local file, or a seeded random draw."""
 
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ import warnings
 import keras
 import numpy as np
 
-from pipeline.config import VGG19_BLOCK_CONVS, VGG19_CONV_LAYERS, ModelConfig
-from pipeline.weights import WEIGHTS_FILE, WeightsError, imagenet_file
+from pipeline.config import BLOCK_CHANNELS, BLOCK_CONVS, ModelConfig, conv_layers
+from pipeline.weights import IMAGENET_FILES, WeightsError, imagenet_file
 
 # Caffe-style input, as the ImageNet weights were trained: BGR, minus the ImageNet mean.
 IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)
-_WIDTHS = (64, 128, 256, 512, 512)  # channels of each block
 
 
 def preprocess(x):
@@ -22,19 +21,25 @@ def preprocess(x):
     return keras.ops.flip(x, axis=-1) - keras.ops.convert_to_tensor(IMAGENET_MEAN_BGR, x.dtype)
 
 
-def vgg19(pooling: str) -> keras.Model:
-    """The 16 convolutions of VGG19 under Keras's layer names. The paper swaps max pooling
-    for average pooling ("improves the gradient flow"); the weights fit either."""
+def vgg(network: str, pooling: str) -> keras.Model:
+    """The convolutions of VGG19 or VGG16 under Keras's layer names: the two differ only in
+    how many convolutions each block has. The paper swaps max pooling for average pooling
+    ("improves the gradient flow"); the weights fit either."""
     pool = keras.layers.AveragePooling2D if pooling == "avg" else keras.layers.MaxPooling2D
     x = inputs = keras.Input((None, None, 3), name="input")
-    for block, (convs, width) in enumerate(zip(VGG19_BLOCK_CONVS, _WIDTHS), start=1):
+    for block, (convs, width) in enumerate(zip(BLOCK_CONVS[network], BLOCK_CHANNELS), start=1):
         for i in range(1, convs + 1):
             conv = keras.layers.Conv2D(
                 width, 3, padding="same", activation="relu", name=f"block{block}_conv{i}"
             )
             x = conv(x)
         x = pool(2, strides=2, name=f"block{block}_pool")(x)
-    return keras.Model(inputs, x, name="vgg19")
+    return keras.Model(inputs, x, name=network)
+
+
+def vgg19(pooling: str) -> keras.Model:
+    """The default network."""
+    return vgg("vgg19", pooling)
 
 
 def load_weights(model: keras.Model, weights: str, seed: int) -> str:
@@ -52,7 +57,8 @@ def load_weights(model: keras.Model, weights: str, seed: int) -> str:
                     np.zeros_like(bias),
                 ])
         return f"random (seed {seed})"
-    path = imagenet_file() if weights == "imagenet" else weights
+    network = model.name  # vgg() names the model after its network
+    path = imagenet_file(network) if weights == "imagenet" else weights
     try:
         # Keras only warns when a .weights.h5 lacks some layers, and leaves those layers as
         # they were: a half-random network that would quietly ruin a night of runs.
@@ -61,8 +67,9 @@ def load_weights(model: keras.Model, weights: str, seed: int) -> str:
             model.load_weights(path)
     except Exception as e:  # h5py and Keras raise many kinds; all mean "not this file"
         raise WeightsError(
-            f"{path}: cannot load VGG19 weights ({type(e).__name__}: {str(e).splitlines()[0]}); "
-            f"expected Keras's {WEIGHTS_FILE} or a .weights.h5 saved from this VGG19"
+            f"{path}: cannot load {network.upper()} weights ({type(e).__name__}: "
+            f"{str(e).splitlines()[0]}); expected Keras's {IMAGENET_FILES[network][0]} or a "
+            f".weights.h5 saved from this {network.upper()}"
         ) from None
     return weights if weights == "imagenet" else os.path.abspath(path)
 
@@ -74,8 +81,8 @@ def feature_extractor(cfg: ModelConfig, seed: int) -> tuple[keras.Model, list[st
     takes only the graph up to the deepest layer asked for, so nothing deeper is computed.
     Returns the extractor, its output layer names in order, and what weights were loaded.
     """
-    full = vgg19(cfg.pooling)
+    full = vgg(cfg.network, cfg.pooling)
     loaded = load_weights(full, cfg.weights, seed)
-    names = [n for n in VGG19_CONV_LAYERS if n in {*cfg.content_layers, *cfg.style_layers}]
+    names = [n for n in conv_layers(cfg.network) if n in {*cfg.content_layers, *cfg.style_layers}]
     extractor = keras.Model(full.input, [full.get_layer(n).output for n in names])
     return extractor, names, loaded

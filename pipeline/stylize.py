@@ -8,8 +8,8 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
-from pipeline import autodiff, images, model, optimize, scales
-from pipeline.config import Config
+from pipeline import autodiff, color, images, model, optimize, scales
+from pipeline.config import Config, style_size
 from pipeline.losses import Objective
 
 # Ends of a stage after which the next stage starts (an abnormal end still has a best image).
@@ -17,11 +17,30 @@ _STAGE_DONE = (optimize.COMPLETED, optimize.CONVERGED, optimize.ABNORMAL)
 
 
 def prepare(cfg: Config, content: np.ndarray, styles: list[np.ndarray], size: int | None = None):
-    """Content scaled to `size` (default cfg.size) on its long side; each style to the same
-    long side."""
+    """Content scaled to `size` (default cfg.size) on its long side; each style to
+    ceil(style_scale * size)."""
     size = size or cfg.size
     content = images.resize_long_side(content, size)
-    return content, [images.resize_long_side(s, size) for s in styles]
+    return content, [images.resize_long_side(s, style_size(cfg, size)) for s in styles]
+
+
+def _clip(img: np.ndarray) -> np.ndarray:
+    # Colour transforms can leave the RGB cube; pixels must stay in the optimiser's bounds.
+    return np.clip(img, 0, 255).astype(np.float32)
+
+
+def color_inputs(cfg: Config, content, styles, init_image=None):
+    """What the optimiser sees under `preserve_colors` (Gatys et al. 2016): `histogram`, each
+    style with the content's colour mean and covariance; `luminance`, grey images of the
+    content's luminance and of each style's, matched to it (and of an init image)."""
+    if cfg.preserve_colors == "histogram":
+        styles = [_clip(color.match_colors(s, content)) for s in styles]
+    elif cfg.preserve_colors == "luminance":
+        content, styles = color.luminance_inputs(content, styles)
+        content, styles = _clip(content), [_clip(s) for s in styles]
+        if init_image is not None:
+            init_image = _clip(color.grey(color.luminance(init_image)))
+    return content, styles, init_image
 
 
 def initial_image(cfg: Config, content, styles, init_image=None) -> np.ndarray:
@@ -66,7 +85,8 @@ def stylize(
         x, done, start = None, (0, 0, 0.0), 1
     initial = None
     for stage in plan[start - 1:]:
-        content_s, styles_s = prepare(cfg, content, styles, stage.size)
+        original_s, styles_s = prepare(cfg, content, styles, stage.size)
+        content_s, styles_s, init_s = color_inputs(cfg, original_s, styles_s, init_image)
         shape = content_s.shape[:2]
         objective = Objective(
             extractor, layer_names, cfg, content_s, styles_s,
@@ -77,7 +97,7 @@ def stylize(
         )
         vg = autodiff.value_and_grad(objective, extractor.variables)
         if x is None:
-            x0 = initial_image(cfg, content_s, styles_s, init_image)
+            x0 = initial_image(cfg, content_s, styles_s, init_s)
         elif done[0] >= stage.first:  # resumed inside this stage: the checkpoint's own pixels
             if x.shape[:2] != shape:
                 raise ValueError(f"checkpoint image is {x.shape[1]}x{x.shape[0]}, stage "
@@ -97,4 +117,9 @@ def stylize(
             break
         # The next stage's numbers start after this stage's budget, even if it converged early.
         x, done = result.image, (stage.last, result.evaluations, result.seconds)
+    if cfg.preserve_colors == "luminance":
+        # The iterate (and so each checkpoint and the resume state) is the luminance image;
+        # the result is its luminance under the content's I and Q. Out-of-gamut pixels clip.
+        result = dataclasses.replace(result, image=_clip(color.restore_colors(result.image,
+                                                                              original_s)))
     return dataclasses.replace(result, initial=initial), weights

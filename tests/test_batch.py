@@ -140,7 +140,7 @@ def test_runs_csv_has_a_row_per_run_with_its_values_and_losses(grid):
         assert int(row["iterations"]) == 6
         assert row["result"] == str(exp / row["run_id"] / "result.png")
         # The total is the weighted sum of the unweighted terms it sits beside.
-        weighted = (float(row["content_loss"])
+        weighted = (config.LossConfig().content_weight * float(row["content_loss"])
                     + float(row["loss.style_weight"]) * float(row["style_loss"])
                     + float(row["loss.tv_weight"]) * float(row["tv_loss"]))
         assert float(row["total_loss"]) == pytest.approx(weighted, rel=1e-4)

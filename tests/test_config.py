@@ -72,8 +72,9 @@ def test_minimal_config_takes_the_schema_defaults(exp):
     assert cfg.size == 512
     assert cfg.optimizer.iterations == 500
     assert cfg.optimizer.history == 10
-    assert cfg.model.pooling == "avg"
-    assert cfg.model.weights == "imagenet"
+    assert cfg.model.pooling == "max"  # as neural-style, whose weights are the defaults
+    assert cfg.model.network == "vgg19" and cfg.model.weights == "imagenet"
+    assert cfg.style_scale == 1.0 and cfg.preserve_colors == "none"
     assert cfg.model.content_layers == ["block4_conv2"]
     assert cfg.model.style_layers == PAPER_STYLE_LAYERS
     assert cfg.model.content_layer_weights is None and cfg.model.style_layer_weights is None
@@ -320,7 +321,7 @@ def test_base_inheritance_merges_and_resolves_against_the_base_file(tmp_path):
     assert cfg.seed == 3  # parent's scalar kept
     assert cfg.loss.style_weight == 7.0  # nested mappings merge key by key
     assert cfg.loss.tv_weight == 0.25
-    assert cfg.loss.content_weight == 1.0  # untouched default
+    assert cfg.loss.content_weight == config.LossConfig().content_weight  # untouched
     assert cfg.model.pooling == "max"
     assert cfg.model.style_layers == ["block5_conv1"]  # lists replace, not append
     # Paths written in the base are relative to the base's folder, not the child's.
@@ -519,7 +520,7 @@ def test_sweep_is_the_cartesian_product_in_key_order(exp):
     for label, one in runs:
         assert label == {"loss.style_weight": one.loss.style_weight, "size": one.size}
         assert one.sweep == {}
-        assert one.loss.tv_weight == 0.1  # unswept keys keep their values
+        assert one.loss.tv_weight == config.LossConfig().tv_weight  # unswept keys kept
     ids = [config.run_id(one, label) for label, one in runs]
     assert len(set(ids)) == 6
 
