@@ -668,6 +668,8 @@ def config_hash(cfg: Config) -> str:
         data.pop(key)
     data["content"] = _file_digest(cfg.content)
     data["style"] = [_file_digest(s) for s in style_list(cfg.style)]
+    # What a None means has changed once (equal, then 1/C_l^2): hash what it means now.
+    data["model"]["style_layer_weights"] = style_weights(cfg.model)
     if cfg.init not in INIT_KINDS:
         data["init"] = _file_digest(cfg.init)
     if cfg.style_masks is not None:

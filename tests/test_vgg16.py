@@ -145,3 +145,13 @@ def test_default_style_layer_weights_are_one_over_channels_squared():
     np.testing.assert_allclose(config.style_weights(chosen), [1 / 256**2, 1 / 64**2])
     explicit = config.ModelConfig(style_layer_weights=[1, 1, 1, 1, 1])
     assert config.style_weights(explicit) == [1, 1, 1, 1, 1]
+
+
+def test_run_id_hashes_what_default_style_layer_weights_mean(exp):
+    """None means 1/C_l^2: the same run as those weights spelled out, not as equal ones."""
+    default = load(exp)
+    spelled = load(exp, model={"style_layer_weights": [1 / c**2 for c in (64, 128, 256, 512,
+                                                                         512)]})
+    equal = load(exp, model={"style_layer_weights": [1, 1, 1, 1, 1]})
+    assert config.config_hash(default) == config.config_hash(spelled)
+    assert config.config_hash(default) != config.config_hash(equal)
