@@ -470,9 +470,6 @@ def _check(cfg: Config) -> None:
          f"must be one of {', '.join(COLOR_MODES)}")
     need(math.isfinite(cfg.style_scale) and cfg.style_scale > 0, "style_scale",
          "must be a positive number")
-    need(16 <= style_size(cfg) <= MAX_SIZE, "style_scale", f"style images would be "
-         f"{style_size(cfg)} px on their long side (style_scale * size); that must be between "
-         f"16 and {MAX_SIZE}")
     need(
         len(cfg.background) == 3 and all(0 <= c <= 255 for c in cfg.background),
         "background",
@@ -507,6 +504,10 @@ def _check(cfg: Config) -> None:
         need(os.path.isfile(cfg.model.weights), "model.weights", f"'{cfg.model.weights}' is "
              f"neither one of {', '.join(WEIGHT_KINDS)} nor an existing weights file")
     _check_scales(cfg)
+    for size in sorted({min([cfg.size, *cfg.scales]), cfg.size}):  # every stage in between
+        need(16 <= style_size(cfg, size) <= MAX_SIZE, "style_scale", f"style images would be "
+             f"{style_size(cfg, size)} px on their long side (style_scale * {size}); that must "
+             f"be between 16 and {MAX_SIZE}")
     _check_masks(cfg)
     known = dotted_keys()
     for key, values in cfg.sweep.items():

@@ -24,6 +24,19 @@ def prepare(cfg: Config, content: np.ndarray, styles: list[np.ndarray], size: in
     return content, [images.resize_long_side(s, style_size(cfg, size)) for s in styles]
 
 
+def check_fits(cfg: Config, content: np.ndarray, styles: list[np.ndarray]) -> None:
+    """Each image must survive the poolings before the deepest layer asked for (block b sees
+    it halved b-1 times): narrower, max pooling fails and average pooling gives no features."""
+    deepest = max(int(n[len("block")]) for n in (*cfg.model.content_layers,
+                                                 *cfg.model.style_layers))
+    need = 2 ** (deepest - 1)
+    for what, img in (("content", content), *(("style", s) for s in styles)):
+        if min(img.shape[:2]) < need:
+            raise ValueError(f"the {what} image is {img.shape[1]}x{img.shape[0]} px here; layers "
+                             f"of block {deepest} need a short side of at least {need} px: "
+                             f"raise size (or scales, style_scale)")
+
+
 def _clip(img: np.ndarray) -> np.ndarray:
     # Colour transforms can leave the RGB cube; pixels must stay in the optimiser's bounds.
     return np.clip(img, 0, 255).astype(np.float32)
@@ -86,6 +99,7 @@ def stylize(
     initial = None
     for stage in plan[start - 1:]:
         original_s, styles_s = prepare(cfg, content, styles, stage.size)
+        check_fits(cfg, original_s, styles_s)
         content_s, styles_s, init_s = color_inputs(cfg, original_s, styles_s, init_image)
         shape = content_s.shape[:2]
         objective = Objective(

@@ -118,11 +118,13 @@ def test_color_inputs_per_mode(pair):
     np.testing.assert_allclose(i, 50.0, atol=1e-3)  # grey 50 is its own luminance
 
 
-def test_a_luminance_run_has_the_contents_colours(pair):
+@pytest.mark.parametrize("scales", [[], [24, 32]], ids=["one-size", "coarse-to-fine"])
+def test_a_luminance_run_has_the_contents_colours(pair, scales):
     """Through stylize (random weights, 32 px): the result's I and Q are the content's, its
-    luminance is the optimiser's, not the content's."""
+    luminance is the optimiser's, not the content's; with stages, the last stage's content."""
     content, style = pair
-    cfg = config.Config(content="c.png", style=["s.png"], size=32, preserve_colors="luminance")
+    cfg = config.Config(content="c.png", style=["s.png"], size=32, preserve_colors="luminance",
+                        scales=scales)
     cfg.model = dataclasses.replace(cfg.model, weights="random")
     cfg.optimizer = dataclasses.replace(cfg.optimizer, iterations=5)
     result, _ = stylize.stylize(cfg, content.astype("float32"), [style.astype("float32")])

@@ -108,6 +108,8 @@ def load(exp, **keys):
     ({"style_scale": 0}, ["style_scale", "positive"]),
     ({"style_scale": 0.1, "size": 64}, ["style_scale", "7 px", "between 16"]),
     ({"style_scale": 4, "size": 4096}, ["style_scale", "16384 px"]),
+    ({"style_scale": 0.25, "size": 128, "scales": [32, 128]},  # its first, smallest stage
+     ["style_scale", "8 px", "style_scale * 32"]),
 ])
 def test_bad_values_name_the_key(exp, keys, words):
     with pytest.raises(ConfigError) as info:
@@ -155,3 +157,15 @@ def test_run_id_hashes_what_default_style_layer_weights_mean(exp):
     equal = load(exp, model={"style_layer_weights": [1, 1, 1, 1, 1]})
     assert config.config_hash(default) == config.config_hash(spelled)
     assert config.config_hash(default) != config.config_hash(equal)
+
+
+def test_an_image_too_narrow_for_the_deepest_layer_fails_with_its_size():
+    """13x16 px halves to 0 rows before block5: said in one line, not a pooling crash."""
+    cfg = config.Config(content="c.png", style=["s.png"], size=16)
+    content, styles = stylize.prepare(cfg, np.zeros((40, 48, 3), np.float32),
+                                      [np.zeros((32, 32, 3), np.float32)])
+    with pytest.raises(ValueError, match="content image is 16x13 px.*at least 16 px"):
+        stylize.check_fits(cfg, content, styles)
+    shallow = dataclasses.replace(cfg, model=config.ModelConfig(
+        content_layers=["block4_conv2"], style_layers=["block1_conv1", "block4_conv1"]))
+    stylize.check_fits(shallow, content, styles)  # block 4 needs 8 rows: 13 will do
