@@ -5,6 +5,7 @@ processes, and the table, status and report they leave behind."""
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -327,6 +328,16 @@ def test_workers_share_the_batch_and_survive_their_parent_being_killed(tmp_path)
     assert "[worker 0]" in (exp / "experiment.log").read_text()
     assert "[worker 1]" in (exp / "experiment.log").read_text()
     assert any(found[i]["resumed_from"] for i in ids[:2])
+    # Each worker shares a GPU's memory (set before its framework loaded), says so, and its
+    # runs record it.
+    sharing = {"TF_FORCE_GPU_ALLOW_GROWTH": "true", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    said = " ".join(f"{k}={v}" for k, v in sharing.items())
+    for slot in (0, 1):
+        assert re.search(rf"\[worker {slot}\] GPU \S+, \d+ CPU thread\(s\), {said}",
+                         (exp / "experiment.log").read_text())
+    for run_id in ids:
+        provenance = yaml.safe_load((exp / run_id / "config.yaml").read_text())["provenance"]
+        assert sharing.items() <= provenance["gpu_memory"].items()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV], ids=["SIGKILL", "SIGSEGV"])
