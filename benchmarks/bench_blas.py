@@ -61,13 +61,14 @@ def vg_alone(vg, x, calls: int, limit: bool) -> float:
 
 
 def run(vg, x0, iterations: int, limit: bool) -> tuple[float, int]:
-    optimize.threadpool_limits = threadpool_limits if limit else _NoLimit
+    driver = sys.modules[optimize.minimize.__module__]  # the module that calls scipy
+    driver.threadpool_limits = threadpool_limits if limit else _NoLimit
     try:
         start = time.perf_counter()
         result = optimize.minimize(vg, x0, iterations)
         return (time.perf_counter() - start) / result.evaluations, result.evaluations
     finally:
-        optimize.threadpool_limits = threadpool_limits
+        driver.threadpool_limits = threadpool_limits
 
 
 def main(argv=None):
