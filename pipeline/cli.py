@@ -176,9 +176,10 @@ def _run(cfg: config.Config, args) -> int:
     if args.workers == "auto":
         from pipeline import hardware
 
+        cores = hardware.usable_cores()
         args.workers, why = hardware.choose_workers(
-            hardware.usable_cores(), len(hardware.driver_gpus()), len(jobs),
-            hardware.memory_bytes())
+            cores, hardware.free_cores(cores, hardware.load_average()),
+            len(hardware.driver_gpus()), len(jobs), hardware.memory_bytes(available=True))
         log.info("--workers auto: %d (%s)", args.workers, why)
     if args.dry_run:
         for job in jobs:

@@ -50,8 +50,13 @@ def main() -> int:
         problems.append(f"backend {backend} is not supported: KERAS_BACKEND=jax or tensorflow")
         devices, device = [], "cpu"
     else:
-        devices = autodiff.devices()
-        device = autodiff.environment()["device"]
+        try:
+            devices = autodiff.devices()
+            device = autodiff.environment()["device"]
+        except Exception as e:  # a broken CUDA install fails here: say so, go on with the rest
+            problems.append(f"{backend} cannot list its devices ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}): make setup again")
+            devices, device = [], "cpu"
     _line("devices", ", ".join(devices) or "none")
 
     gpus = hardware.driver_gpus()

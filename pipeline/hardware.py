@@ -61,11 +61,27 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def memory_bytes() -> int | None:
+def memory_bytes(available: bool = False) -> int | None:
+    """The machine's memory, or what is available now (Linux: MemAvailable); None if unknown."""
+    if available:
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return 0.0
 
 
 def cpu_flags() -> set[str] | None:
@@ -80,23 +96,34 @@ def cpu_flags() -> set[str] | None:
     return None
 
 
-def choose_workers(cores: int, gpus: int, runs: int, memory: int | None) -> tuple[int, str]:
+def free_cores(cores: int, load: float) -> int:
+    """Cores not already busy: `load` is the 1-minute load average of the whole machine."""
+    return min(cores, max(1, cores - round(load)))
+
+
+def choose_workers(cores: int, free: int, gpus: int, runs: int,
+                   memory: int | None) -> tuple[int, str]:
     """How many worker processes to run `runs` runs in, and why, in words.
 
     scipy's L-BFGS-B keeps a run on the host between evaluations, one core each, so one GPU
-    serves about as many workers as there are cores; every GPU gets at least one. Without a
-    GPU, one single-threaded worker per core gave the most runs per hour measured (2 cores,
-    64 px: 2 workers 1.3x the runs of 1). Host memory and the number of runs cap the count.
+    serves about as many workers as there are free cores; every GPU gets at least one.
+    Without a GPU, one single-threaded worker per free core: workers beyond the free cores
+    fight for them (2 cores, 64 px: 2 workers made 1.34x the runs of 1 on an idle machine,
+    0.67x while other processes kept both cores busy). Free memory (2 GiB per worker) and
+    the number of runs cap the count.
     """
+    busy = f" ({cores - free} busy with other work)" if free < cores else ""
     if gpus:
-        n = max(cores, gpus)
-        why = [f"{cores} core(s) and {gpus} GPU(s): one worker per core, sharing the GPU(s)"]
+        n = max(free, gpus)
+        why = [f"{free} free core(s) of {cores}{busy} and {gpus} GPU(s): one worker per free "
+               "core, sharing the GPU(s)"]
     else:
-        n = cores
-        why = [f"{cores} core(s), no GPU: one single-threaded worker per core"]
+        n = free
+        why = [f"{free} free core(s) of {cores}{busy}, no GPU: one single-threaded worker per "
+               "free core"]
     if memory is not None and n > max(1, memory // WORKER_MEMORY):
         n = max(1, memory // WORKER_MEMORY)
-        why.append(f"capped at {n} by {memory / 2**30:.0f} GiB of memory "
+        why.append(f"capped at {n} by {memory / 2**30:.0f} GiB of free memory "
                    f"({WORKER_MEMORY // 2**30} GiB per worker)")
     if n > max(1, runs):
         n = max(1, runs)
