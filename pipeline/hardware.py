@@ -12,9 +12,9 @@ import subprocess
 
 log = logging.getLogger("pipeline")
 
-# Host memory one worker needs: Python, the framework, VGG19 and a 512 px run's activations
-# (about 1.2 GB measured for TensorFlow at 512 px on the CPU), with room to spare.
-WORKER_MEMORY = 2 * 2**30
+# Host memory one worker needs: Python, the framework, VGG19 and a 512 px run on the CPU
+# (peak resident 1.8 GB measured with TensorFlow, 2.2 GB with JAX), with a little room.
+WORKER_MEMORY = int(2.5 * 2**30)
 
 # How workers share one GPU. TensorFlow takes all of a GPU's memory in the first process
 # unless it may grow; JAX preallocates 75% per process. Both are told to allocate what a run
@@ -109,7 +109,7 @@ def choose_workers(cores: int, free: int, gpus: int, runs: int,
     serves about as many workers as there are free cores; every GPU gets at least one.
     Without a GPU, one single-threaded worker per free core: workers beyond the free cores
     fight for them (2 cores, 64 px: 2 workers made 1.34x the runs of 1 on an idle machine,
-    0.67x while other processes kept both cores busy). Free memory (2 GiB per worker) and
+    0.67x while other processes kept both cores busy). Free memory (2.5 GiB per worker) and
     the number of runs cap the count.
     """
     busy = f" ({cores - free} busy with other work)" if free < cores else ""
@@ -124,7 +124,7 @@ def choose_workers(cores: int, free: int, gpus: int, runs: int,
     if memory is not None and n > max(1, memory // WORKER_MEMORY):
         n = max(1, memory // WORKER_MEMORY)
         why.append(f"capped at {n} by {memory / 2**30:.0f} GiB of free memory "
-                   f"({WORKER_MEMORY // 2**30} GiB per worker)")
+                   f"({WORKER_MEMORY / 2**30:g} GiB per worker)")
     if n > max(1, runs):
         n = max(1, runs)
         why.append(f"capped at {n} by the number of runs")
