@@ -87,9 +87,12 @@ def main() -> int:
     features = ("unknown" if flags is None else
                 ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in hardware.SPEED_FLAGS))
     _line("CPU", f"{platform.machine()}, {cores} usable core(s) of {total}; {features}")
-    memory = hardware.memory_bytes()
+    load = hardware.load_average()
+    _line("load", f"{load:.1f} (1 minute): {hardware.free_cores(cores, load)} free core(s), "
+          "which --workers auto counts")
+    memory, available = hardware.memory_bytes(), hardware.memory_bytes(available=True)
     if memory:
-        _line("memory", f"{memory / 2**30:.1f} GiB")
+        _line("memory", f"{memory / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available")
     settings = [f"{name}={os.environ[name]}" for name in hardware.THREAD_VARIABLES
                 if name in os.environ]
     _line("threads", ", ".join(settings) or "no thread variables set (frameworks use every core)")
