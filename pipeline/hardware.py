@@ -108,7 +108,7 @@ def choose_workers(cores: int, free: int, gpus: int, runs: int,
     scipy's L-BFGS-B keeps a run on the host between evaluations, one core each, so one GPU
     serves about as many workers as there are free cores; every GPU gets at least one.
     Without a GPU, one single-threaded worker per free core: workers beyond the free cores
-    fight for them (2 cores, 64 px: 2 workers made 1.34x the runs of 1 on an idle machine,
+    fight for them (2 cores, 64 px: 2 workers made 1.26x the runs of 1 on an idle machine,
     0.67x while other processes kept both cores busy). Free memory (2.5 GiB per worker) and
     the number of runs cap the count.
     """
