@@ -263,8 +263,9 @@ def test_out_of_memory_names_the_size_and_a_smaller_one(tmp_path):
 
 
 def test_sigkill_mid_batch_then_the_same_command_finishes_each_run_once(tmp_path):
+    # 100 iterations: the third run must still be under way after two more commands ran.
     path = write_sweep(tmp_path, "night", sweep={"loss.tv_weight": [0.01, 0.1, 1.0]},
-                       size=32, optimizer={"iterations": 40}, checkpoint_every=5)
+                       size=32, optimizer={"iterations": 100}, checkpoint_every=5)
     exp = tmp_path / "out" / "night"
     ids = [job.run_id for job in batch.plan(config.load(path))]
     first = start_batch(path)
@@ -294,7 +295,7 @@ def test_sigkill_mid_batch_then_the_same_command_finishes_each_run_once(tmp_path
     after = run_cli("status", exp).stdout
     assert "not running" in after
     (line,) = [line for line in after.splitlines() if ids[2] in line]
-    assert line.split()[0] == "killed" and f"{checkpoint}/40" in line
+    assert line.split()[0] == "killed" and f"{checkpoint}/100" in line
     finished = {run_id: mtimes(exp / run_id) for run_id in ids[:2]}
 
     again = run_cli("run", path)
@@ -306,8 +307,8 @@ def test_sigkill_mid_batch_then_the_same_command_finishes_each_run_once(tmp_path
     assert found[ids[2]]["resumed_from"] == checkpoint
     for run_id in ids:  # each run's trace counts every iteration exactly once
         trace = RunFolder(exp / run_id).read_trace()
-        assert [row["iteration"] for row in trace] == list(range(1, 41))
-        assert found[run_id]["iterations"] == 40
+        assert [row["iteration"] for row in trace] == list(range(1, 101))
+        assert found[run_id]["iterations"] == 100
     assert [row["status"] for row in table(exp)] == ["completed"] * 3
     assert list(exp.rglob("*.tmp")) == []
 
