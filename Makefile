@@ -2,7 +2,19 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+# GPU=auto (the default) installs the CUDA builds where an NVIDIA driver answers
+# `nvidia-smi -L`; GPU=1 forces them, GPU=0 installs the CPU builds only.
+GPU    ?= auto
+ifeq ($(GPU),auto)
+override GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+endif
+ifeq ($(GPU),1)
+EXTRAS := dev,ray,cuda
+STAMP  := $(VENV)/.installed-cuda
+else
+EXTRAS := dev,ray
 STAMP  := $(VENV)/.installed
+endif
 CONFIG ?=
 EXP    ?=
 ARGS   ?=
@@ -15,17 +27,24 @@ DEMO_ARGS += --set size=128 --set optimizer.iterations=60 --set checkpoint_every
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test demo run sweep overnight status report estimate bench bench-eval bench-workers bench-estimate lint clean
+.PHONY: help setup test demo run sweep overnight doctor status report estimate bench bench-eval bench-workers bench-estimate lint clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,ray]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[$(EXTRAS)]'
 	@touch $@
 
-setup: $(STAMP) ## create .venv and install everything (does nothing when up to date)
+# On an NVIDIA GPU the targets that run the tool use JAX, the backend measured fast there (see
+# README, Backends and GPUs); `make run KERAS_BACKEND=tensorflow ...` overrides. Tests keep
+# Keras's default.
+ifeq ($(GPU),1)
+demo run sweep overnight estimate doctor bench bench-eval bench-workers bench-estimate: export KERAS_BACKEND ?= jax
+endif
+
+setup: $(STAMP) ## create .venv and install everything; CUDA builds on NVIDIA machines (GPU=0/1)
 
 test: $(STAMP) ## run the test suite (no network, no GPU needed)
 	$(PY) -m pytest $(ARGS)
@@ -52,6 +71,9 @@ overnight: $(STAMP) ## run CONFIG in the background (nohup); running it again re
 	sleep 3; if ! kill -0 $$pid 2>/dev/null; then wait $$pid; rc=$$?; tail -n 4 $$log; exit $$rc; fi; \
 	echo "$$plan"; echo "running in the background as pid $$pid; its output goes to $$log"; \
 	echo "watch: make status EXP=$$exp   stop: kill $$pid (it saves; the same make command resumes)"
+
+doctor: $(STAMP) ## backend, devices, GPUs, versions, threads, weights: first stop when slow
+	$(PY) -m pipeline doctor
 
 status: $(STAMP) ## counts, each run's status and the time left: make status EXP=outputs/<name>
 	@test -n "$(EXP)" || { echo "usage: make status EXP=outputs/<name>"; exit 2; }

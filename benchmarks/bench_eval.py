@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from keras import ops  # noqa: E402
 
-from pipeline import autodiff, config, images, model, optimize  # noqa: E402
+from pipeline import autodiff, batch, config, images, model, optimize  # noqa: E402
 from pipeline.losses import (  # noqa: E402
     Objective,
     content_loss,
@@ -101,8 +101,9 @@ def main(argv=None):
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args(argv)
 
-    cfg = config.load(ROOT / "configs" / "demo.yaml",
-                      [f"size={args.size}", "model.weights=random"])
+    (job,) = batch.plan(config.load(ROOT / "configs" / "demo.yaml",
+                                    [f"size={args.size}", "model.weights=random"]))
+    cfg = job.cfg  # style globs expanded into a list of files
     content, styles = prepare(cfg, images.load_image(cfg.content),
                               [images.load_image(s) for s in cfg.style])
     extractor, names, _ = model.feature_extractor(cfg.model, cfg.seed)

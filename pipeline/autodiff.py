@@ -53,6 +53,17 @@ def environment() -> dict:
     return {**versions, "backend": backend, "device": device}
 
 
+def devices() -> list[str]:
+    """Every device the active backend can compute on, as it names them."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return [f"{d.platform}:{d.id} {d.device_kind}" for d in jax.devices()]
+    import tensorflow as tf
+
+    return [d.name.removeprefix("/physical_device:") for d in tf.config.list_physical_devices()]
+
+
 def _to_host(total, terms, grad):
     return float(total), {k: float(v) for k, v in terms.items()}, np.asarray(grad)
 

@@ -129,7 +129,6 @@ def run_one(
 
 
 def _run_locked(job, folder, on_step, should_stop) -> Outcome:
-    from pipeline import autodiff
     from pipeline.stylize import stylize
 
     cfg = job.cfg
@@ -178,7 +177,7 @@ def _run_locked(job, folder, on_step, should_stop) -> Outcome:
 
     try:  # everything up to the last write: a full disk fails this run, not the batch
         folder.start(config.to_dict(cfg), {"run_id": job.run_id, "config_hash": digest,
-                                           **autodiff.environment()}, done[0])
+                                           **_environment()}, done[0])
         folder.write_metrics(metrics)
         content = images.load_image(cfg.content, tuple(cfg.background))
         styles = [images.load_image(p, tuple(cfg.background)) for p in cfg.style]
@@ -244,6 +243,16 @@ def _result_shape(folder: runs.RunFolder) -> tuple[int, int] | None:
             return img.height, img.width
     except OSError:
         return None
+
+
+def _environment() -> dict:
+    """Versions, device and GPU memory settings for the run's provenance; says once per
+    process when a GPU sits unused."""
+    from pipeline import autodiff, hardware
+
+    env = autodiff.environment()
+    hardware.warn_if_gpu_unused(env["backend"], env["device"])
+    return {**env, "gpu_memory": hardware.gpu_memory_settings()}
 
 
 def _done(step: optimize.Step) -> tuple[int, int, float]:

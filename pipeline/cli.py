@@ -42,8 +42,9 @@ def _parser() -> argparse.ArgumentParser:
 
     run = with_config("run", "run every run a config describes (resuming, skipping done ones)")
     run.add_argument("--dry-run", action="store_true", help="list the runs, run nothing")
-    run.add_argument("--workers", type=int, default=1, metavar="N",
-                     help="run N runs at once in separate processes (one GPU each if several)")
+    run.add_argument("--workers", type=_workers, default=1, metavar="N",
+                     help="run N runs at once in separate processes (one GPU each if several);"
+                          " auto: a count from the cores, GPUs and memory")
     run.add_argument("--retries", type=int, default=0, metavar="N",
                      help="re-attempt failed runs up to N times")
     run.add_argument("--executor", choices=("local", "ray"), default="local",
@@ -61,11 +62,23 @@ def _parser() -> argparse.ArgumentParser:
                       "(calibrates once per machine)")
     est.add_argument("--workers", type=int, default=1, metavar="N",
                      help="as for run: N runs share the machine's memory")
+    commands.add_parser("doctor", help="what this machine runs on, and what is wrong with it",
+                        description="backend, devices, GPUs, versions, BLAS and CPU threads, "
+                                    "weights; exit 1 when something is wrong")
     for name, help_text in (("status", "counts, each run's status and the time left"),
                             ("report", "write report.html, a contact sheet and loss curves")):
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("experiment", type=Path, help="an experiment folder: <output_dir>/<name>")
     return parser
+
+
+def _workers(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, not {text!r}") from None
 
 
 def main(argv=None) -> int:
@@ -79,12 +92,17 @@ def main(argv=None) -> int:
 def _main(argv) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.command == "doctor":
+        from pipeline import doctor
+
+        return doctor.main()
     try:
         if args.command in ("status", "report"):
             if not args.experiment.is_dir():
                 raise config.ConfigError(f"{args.experiment}: no such experiment folder")
             return _status(args.experiment) if args.command == "status" else _report(args)
-        if getattr(args, "workers", 1) < 1 or getattr(args, "retries", 0) < 0:
+        workers = getattr(args, "workers", 1)  # "auto" is chosen once the runs are known
+        if (workers != "auto" and workers < 1) or getattr(args, "retries", 0) < 0:
             raise config.ConfigError("--workers must be at least 1 and --retries at least 0")
         if args.command == "run":
             _check_executor(args)
@@ -155,6 +173,14 @@ def _refuse(jobs, estimates) -> list[batch.Outcome]:
 def _run(cfg: config.Config, args) -> int:
     jobs = batch.plan(cfg)
     exp = runs.experiment_dir(cfg)
+    if args.workers == "auto":
+        from pipeline import hardware
+
+        cores = hardware.usable_cores()
+        args.workers, why = hardware.choose_workers(
+            cores, hardware.free_cores(cores, hardware.load_average()),
+            len(hardware.driver_gpus()), len(jobs), hardware.memory_bytes(available=True))
+        log.info("--workers auto: %d (%s)", args.workers, why)
     if args.dry_run:
         for job in jobs:
             swept = " ".join(f"{k}={v}" for k, v in job.label.items())

@@ -10,11 +10,11 @@ import concurrent.futures as futures
 import logging
 import multiprocessing
 import os
-import shutil
 import signal
-import subprocess
 import threading
 import time
+
+from pipeline import hardware
 
 log = logging.getLogger("pipeline")
 _worker: dict = {}  # this worker's settings, filled by _init
@@ -26,13 +26,7 @@ def visible_gpus() -> list[str]:
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is not None:
         return [g.strip() for g in listed.split(",") if g.strip() not in ("", "-1")]
-    if shutil.which("nvidia-smi"):
-        try:
-            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return []
-        return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU")]
-    return []
+    return [str(i) for i in range(len(hardware.driver_gpus()))]
 
 
 def thread_caps(threads: int, environ) -> dict:
@@ -52,6 +46,7 @@ def _init(slots, stop, parent_pid: int, gpus: list[str], threads: int, log_file:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
     os.environ.update(thread_caps(threads, os.environ))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    memory = hardware.share_gpu_memory()  # workers on one GPU must not each take all of it
     # Ctrl-C reaches every process of the terminal's group: the parent decides, through
     # `stop`. A SIGTERM sent to this worker alone (by a user, or by the pool when another
     # worker died) stops its run the same gentle way, and then the worker exits.
@@ -63,6 +58,8 @@ def _init(slots, stop, parent_pid: int, gpus: list[str], threads: int, log_file:
     logging.basicConfig(level=logging.INFO, handlers=handlers,
                         format=f"%(asctime)s [worker {slot}] %(message)s", datefmt="%H:%M:%S")
     _worker.update(stop=stop, parent=parent_pid, slot=slot)
+    log.info("GPU %s, %d CPU thread(s), %s", gpus[slot % len(gpus)] if gpus else "none",
+             threads, " ".join(f"{k}={v}" for k, v in memory.items()))
     threading.Thread(target=_exit_when_told_or_orphaned, daemon=True).start()
 
 

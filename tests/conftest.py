@@ -2,6 +2,7 @@
 (PIPELINE_OFFLINE) and Keras's cache is a private empty folder."""
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,9 @@ os.environ["PIPELINE_OFFLINE"] = "1"
 os.environ.setdefault("PIPELINE_SKIP_ESTIMATE", "1")
 os.environ.setdefault("KERAS_HOME", tempfile.mkdtemp(prefix="keras-home-"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if shutil.which("nvidia-smi"):  # the test process and the runs it starts share one GPU
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 def write_image(path, shape, seed=0):

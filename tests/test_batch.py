@@ -5,6 +5,7 @@ processes, and the table, status and report they leave behind."""
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -262,8 +263,9 @@ def test_out_of_memory_names_the_size_and_a_smaller_one(tmp_path):
 
 
 def test_sigkill_mid_batch_then_the_same_command_finishes_each_run_once(tmp_path):
+    # 100 iterations: the third run must still be under way after two more commands ran.
     path = write_sweep(tmp_path, "night", sweep={"loss.tv_weight": [0.01, 0.1, 1.0]},
-                       size=32, optimizer={"iterations": 40}, checkpoint_every=5)
+                       size=32, optimizer={"iterations": 100}, checkpoint_every=5)
     exp = tmp_path / "out" / "night"
     ids = [job.run_id for job in batch.plan(config.load(path))]
     first = start_batch(path)
@@ -293,7 +295,7 @@ def test_sigkill_mid_batch_then_the_same_command_finishes_each_run_once(tmp_path
     after = run_cli("status", exp).stdout
     assert "not running" in after
     (line,) = [line for line in after.splitlines() if ids[2] in line]
-    assert line.split()[0] == "killed" and f"{checkpoint}/40" in line
+    assert line.split()[0] == "killed" and f"{checkpoint}/100" in line
     finished = {run_id: mtimes(exp / run_id) for run_id in ids[:2]}
 
     again = run_cli("run", path)
@@ -305,8 +307,8 @@ def test_sigkill_mid_batch_then_the_same_command_finishes_each_run_once(tmp_path
     assert found[ids[2]]["resumed_from"] == checkpoint
     for run_id in ids:  # each run's trace counts every iteration exactly once
         trace = RunFolder(exp / run_id).read_trace()
-        assert [row["iteration"] for row in trace] == list(range(1, 41))
-        assert found[run_id]["iterations"] == 40
+        assert [row["iteration"] for row in trace] == list(range(1, 101))
+        assert found[run_id]["iterations"] == 100
     assert [row["status"] for row in table(exp)] == ["completed"] * 3
     assert list(exp.rglob("*.tmp")) == []
 
@@ -327,6 +329,16 @@ def test_workers_share_the_batch_and_survive_their_parent_being_killed(tmp_path)
     assert "[worker 0]" in (exp / "experiment.log").read_text()
     assert "[worker 1]" in (exp / "experiment.log").read_text()
     assert any(found[i]["resumed_from"] for i in ids[:2])
+    # Each worker shares a GPU's memory (set before its framework loaded), says so, and its
+    # runs record it.
+    sharing = {"TF_FORCE_GPU_ALLOW_GROWTH": "true", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    said = " ".join(f"{k}={v}" for k, v in sharing.items())
+    for slot in (0, 1):
+        assert re.search(rf"\[worker {slot}\] GPU \S+, \d+ CPU thread\(s\), {said}",
+                         (exp / "experiment.log").read_text())
+    for run_id in ids:
+        provenance = yaml.safe_load((exp / run_id / "config.yaml").read_text())["provenance"]
+        assert sharing.items() <= provenance["gpu_memory"].items()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV], ids=["SIGKILL", "SIGSEGV"])
