@@ -187,8 +187,7 @@ def _measure(size: int, iterations: int) -> dict:
     rng = np.random.default_rng(0)
     content, style = (rng.uniform(0, 255, (size, size, 3)).astype("float32") for _ in "cs")
     stamps: list[float] = []
-    env = autodiff.environment()  # imports the framework: its transient peak is not the run's
-    _reset_peak_memory()
+    env = autodiff.environment()
     stylize(cfg, content, [style], on_step=lambda step: stamps.append(step.seconds))
     out = {"size": size, "pixels": size * size, "iterations": len(stamps),
            "seconds_per_iteration": (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1),
@@ -200,19 +199,10 @@ def _measure(size: int, iterations: int) -> dict:
     return out
 
 
-def _reset_peak_memory() -> None:
-    """Start the peak-memory count afresh (Linux: writing 5 to clear_refs resets VmHWM).
-    Importing a framework peaks above what it keeps; at calibration sizes that transient
-    would hide the growth with size that the fit is for."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:  # not Linux, or not allowed: the whole process's peak, as getrusage has it
-        pass
-
-
 def _peak_memory() -> int:
-    """Peak resident memory in bytes since the last reset (VmHWM), else since start."""
+    """This process's peak resident memory in bytes. VmHWM belongs to the address space, so
+    it starts afresh at exec; getrusage's ru_maxrss does not (a child of a large parent, a
+    test runner or a CLI that already ran a model, inherits its peak): only a fallback."""
     import resource
 
     try:
