@@ -37,9 +37,11 @@ def vgg(network: str, pooling: str, precision: str = "float32") -> keras.Model:
     x = inputs = keras.Input((None, None, 3), name="input")
     for block, (convs, width) in enumerate(zip(BLOCK_CONVS[network], BLOCK_CHANNELS), start=1):
         for i in range(1, convs + 1):
+            # Zeros: load_weights replaces every weight, and Keras's default random draw
+            # costs seconds per run on JAX (one compiled draw per kernel shape).
             conv = keras.layers.Conv2D(
                 width, 3, padding="same", activation="relu", name=f"block{block}_conv{i}",
-                dtype=policy,
+                dtype=policy, kernel_initializer="zeros",
             )
             x = conv(x)
         x = pool(2, strides=2, name=f"block{block}_pool", dtype=policy)(x)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from keras import ops
@@ -68,10 +69,25 @@ def _fits(saved: dict | None, fresh: dict) -> bool:
         np.shape(saved[k]) == np.shape(v) for k, v in fresh.items())
 
 
+@dataclass
+class Compiled:
+    """A method's compiled call for one objective, and the objective's own value-and-gradient
+    (for the start image). Compile once, minimise from as many start images as you like."""
+
+    method: object
+    terms: tuple[str, ...]
+    vg: Callable  # autodiff.ValueAndGrad
+    run: Callable  # (state, n) -> (count, state, rows, ok)
+
+
+def compile_method(method, objective, variables) -> Compiled:
+    """Compiling happens at the first call of each, not here."""
+    return Compiled(method, objective.terms, autodiff.value_and_grad(objective, variables),
+                    autodiff.compiled_loop(objective, variables, _program(method, objective.terms)))
+
+
 def minimize(
-    method,
-    objective,
-    variables,
+    compiled: Compiled,
     x0: np.ndarray,
     iterations: int,
     on_step: Callable[[Step], None] | None = None,
@@ -80,7 +96,8 @@ def minimize(
     state: dict | None = None,
     checkpoint_every: int = 0,
 ) -> Result:
-    """Run `method` from x0 (H, W, 3) until `iterations` in all, pixels kept in 0..255.
+    """Run the compiled method from x0 (H, W, 3) until `iterations` in all, pixels kept in
+    0..255.
 
     `done` is (iterations, evaluations, seconds) already spent by an earlier part of this
     run, and `state` the optimiser state its last checkpoint saved (Step.state): with it, the
@@ -89,7 +106,7 @@ def minimize(
     """
     done_iterations, evaluations, done_seconds = done
     start = time.perf_counter()
-    terms = objective.terms
+    method, terms = compiled.method, compiled.terms
     x0 = np.asarray(x0, np.float32)
     shapes = {"x": x0, "loss": np.float32(0), "grad": x0, "best_x": x0,
               "best": np.zeros(1 + len(terms), np.float32), **method.init(x0)}
@@ -98,7 +115,7 @@ def minimize(
         state = {"x": x0, **{k: np.asarray(v, np.asarray(shapes[k]).dtype)
                              for k, v in state.items()}}
     else:  # a fresh start (or a checkpoint without usable state): evaluate x0 first
-        total, values, grad = autodiff.value_and_grad(objective, variables)(x0)
+        total, values, grad = compiled.vg(x0)
         evaluations += 1
         initial = {"total": total, **values}
         if not (math.isfinite(total) and np.isfinite(grad).all()):
@@ -108,9 +125,7 @@ def minimize(
         best = np.array([total, *(values[t] for t in terms)], np.float32)
         state = {**method.init(x0), "x": x0, "loss": np.float32(total),
                  "grad": grad.astype(np.float32), "best_x": x0, "best": best}
-    run = autodiff.compiled_loop(objective, variables, _program(method, terms))
-
-    iteration, size, compiled = done_iterations, 1, False
+    iteration, size, warm = done_iterations, 1, False
     reason, message = COMPLETED, f"{iterations} iterations"
     while iteration < iterations:
         if should_stop():
@@ -120,7 +135,7 @@ def minimize(
         if checkpoint_every:
             n = min(n, checkpoint_every - iteration % checkpoint_every)
         began = time.perf_counter()
-        count, state, rows, ok = run(state, n)
+        count, state, rows, ok = compiled.run(state, n)
         rows, count = _host(rows), int(ops.convert_to_numpy(count))
         image = ops.convert_to_numpy(state["x"])  # also waits for the call to finish
         elapsed = time.perf_counter() - began
@@ -147,10 +162,10 @@ def minimize(
             message = f"non-finite loss or gradient at iteration {iteration + 1}"
             break
         # Size the next call: the first one also compiled, so its time says little.
-        if compiled and count:
+        if warm and count:
             size = int(np.clip(TARGET_SECONDS * count / elapsed, 1, 4 * n))
         else:
-            size, compiled = 2 * n, True
+            size, warm = 2 * n, True
 
     best = ops.convert_to_numpy(state["best"])
     return Result(
