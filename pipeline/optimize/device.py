@@ -105,6 +105,9 @@ def minimize(
     `checkpoint_every`, so that every checkpoint iteration's Step carries image and state.
     """
     done_iterations, evaluations, done_seconds = done
+    if iterations <= done_iterations:  # a resume from the last checkpoint: nothing to do
+        return Result(np.asarray(x0, np.float32), COMPLETED, "no iterations left",
+                      done_iterations, evaluations, done_seconds, None, None)
     start = time.perf_counter()
     method, terms = compiled.method, compiled.terms
     x0 = np.asarray(x0, np.float32)
@@ -156,6 +159,7 @@ def minimize(
                     terms={t: float(rows[t][j]) for t in terms},
                     image=image if last else None,
                     state=(lambda saved=saved: _host(saved)) if last else None,
+                    size=max(x0.shape[:2]),
                 ))
         if not finite:
             reason = NON_FINITE

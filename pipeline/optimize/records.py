@@ -38,6 +38,7 @@ class Step:
     terms: dict
     image: np.ndarray | None = field(repr=False)  # (H, W, 3) float32: the iterate
     stage: int = 1  # the coarse-to-fine stage (see scales.py); set by the caller
+    size: int = 0  # the long side of the image being optimised, in pixels
     state: Callable[[], dict] | None = field(default=None, repr=False, compare=False)
 
 

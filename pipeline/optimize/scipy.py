@@ -108,6 +108,7 @@ def minimize(
                 total=evaluator.last["total"],
                 terms={k: v for k, v in evaluator.last.items() if k != "total"},
                 image=xk.reshape(x0.shape).astype(np.float32),
+                size=max(x0.shape[:2]),
             ))
 
     # One BLAS thread: L-BFGS-B's vector work is too small to share, and OpenBLAS's idle
