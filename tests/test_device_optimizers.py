@@ -221,7 +221,8 @@ def small_config(tmp_path_factory):
 
 
 def first_loss(small_config, precision):
-    cfg = config.load(small_config, [f"model.precision={precision}"])
+    (job,) = batch.plan(config.load(small_config, [f"model.precision={precision}"]))
+    cfg = job.cfg
     content, styles = prepare(cfg, images.load_image(cfg.content),
                               [images.load_image(cfg.style[0])])
     extractor, names, _ = model.feature_extractor(cfg.model, cfg.seed)
