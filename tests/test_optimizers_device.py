@@ -202,7 +202,7 @@ def test_stopped_and_resumed_equals_uninterrupted_bit_for_bit(tmp_path, method):
 
 
 def test_stopped_and_resumed_equals_uninterrupted_on_jax(tmp_path):
-    code = ("import sys; from pathlib import Path; import test_device_optimizers as t; "
+    code = ("import sys; from pathlib import Path; import test_optimizers_device as t; "
             "import keras; assert keras.backend.backend() == 'jax'; "
             "print('PROBLEMS', t.interrupted_equals_whole(Path(sys.argv[1]), 'lbfgs'))")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT / "tests",
