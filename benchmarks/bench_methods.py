@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from keras import ops  # noqa: E402
 
-from pipeline import autodiff, config, images, model, optimize  # noqa: E402
+from pipeline import autodiff, batch, config, images, model, optimize  # noqa: E402
 from pipeline.losses import Objective  # noqa: E402
 from pipeline.optimize import device  # noqa: E402
 from pipeline.optimize.lbfgs import LBFGS  # noqa: E402
@@ -65,9 +65,11 @@ class Contender:
     def __init__(self, method: str, precision: str, size: int, history: int):
         self.method, self.precision = method, precision
         self.name = f"{method}/{precision}"
-        cfg = config.load(ROOT / "configs" / "demo.yaml",
-                          [f"size={size}", "model.weights=random", f"model.precision={precision}",
-                           f"optimizer.history={history}"])
+        (job,) = batch.plan(config.load(
+            ROOT / "configs" / "demo.yaml",
+            [f"size={size}", "model.weights=random", f"model.precision={precision}",
+             f"optimizer.history={history}"]))
+        cfg = job.cfg  # planned: style is a list of files only after planning
         content, styles = prepare(cfg, images.load_image(cfg.content),
                                   [images.load_image(s) for s in cfg.style])
         extractor, names, _ = model.feature_extractor(cfg.model, cfg.seed)
