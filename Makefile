@@ -27,7 +27,7 @@ DEMO_ARGS += --set size=128 --set optimizer.iterations=60 --set checkpoint_every
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test demo run sweep overnight doctor status report estimate bench bench-eval bench-workers bench-estimate lint clean
+.PHONY: help setup test demo run sweep overnight doctor status report estimate bench bench-eval bench-workers bench-estimate bench-methods bench-gpu lint clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -87,9 +87,18 @@ estimate: $(STAMP) ## peak memory and time of each run on this machine: make est
 	@test -n "$(CONFIG)" || { echo "usage: make estimate CONFIG=path/to/config.yaml"; exit 2; }
 	$(PY) -m pipeline estimate $(CONFIG) $(ARGS)
 
-bench: $(STAMP) ## speed: per evaluation against the seed recipe (128 px), runs/hour by workers
+bench: $(STAMP) ## speed: vs the seed recipe, runs/hour by workers, optimisers x precisions (CPU)
 	$(PY) benchmarks/bench_eval.py
 	$(PY) benchmarks/bench_workers.py
+	$(PY) benchmarks/bench_methods.py
+
+bench-methods: $(STAMP) ## optimisers x precisions only: make bench-methods ARGS="--reach 300"
+	$(PY) benchmarks/bench_methods.py $(ARGS)
+
+# On a GPU machine, with JAX unless KERAS_BACKEND says otherwise. TINY=1: tiny sizes and
+# counts, a check that the whole table runs (on a CPU too) in a few minutes.
+bench-gpu: $(STAMP) ## the GPU table at 512 and 1024 px: 500 iterations, memory, runs/hour by workers
+	KERAS_BACKEND=$${KERAS_BACKEND:-jax} $(PY) benchmarks/bench_methods.py --gpu $(if $(TINY),--tiny) $(ARGS)
 
 bench-eval: $(STAMP) ## seconds per evaluation only: make bench-eval ARGS="--size 256"
 	$(PY) benchmarks/bench_eval.py $(ARGS)

@@ -1,7 +1,9 @@
-"""The one backend-specific piece: a compiled value-and-gradient of the objective.
+"""The one backend-specific piece: a compiled value-and-gradient of the objective, and
+compiled optimiser loops that call it.
 
 Everything else is written in keras.ops and runs on any Keras backend; taking a gradient with
-respect to an input is not part of keras.ops, so each backend gets its few lines here.
+respect to an input, and compiling a function, are not part of keras.ops, so each backend
+gets its few lines here.
 """
 
 from __future__ import annotations
@@ -26,6 +28,23 @@ def value_and_grad(objective, variables) -> ValueAndGrad:
         return _tensorflow(objective)
     if backend == "jax":
         return _jax(objective, variables)
+    raise RuntimeError(f"Keras backend '{backend}' is not supported: use tensorflow or jax")
+
+
+def compiled_loop(objective, variables, program) -> Callable:
+    """Compile `program(vg, state, n) -> outputs` for the active Keras backend.
+
+    `program` is written in keras.ops (a while_loop of optimiser iterations, say); `vg(x)`,
+    which it may call any number of times, returns (total, terms, gradient) as tensors of
+    the same compiled program, so the whole loop runs on the device without the host.
+    `state` is a dict of arrays and `n` an int; neither shape nor `n` causes a recompile.
+    Returns a function of (state, n) giving `program`'s outputs as backend tensors.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return _tensorflow_loop(objective, program)
+    if backend == "jax":
+        return _jax_loop(objective, variables, program)
     raise RuntimeError(f"Keras backend '{backend}' is not supported: use tensorflow or jax")
 
 
@@ -96,3 +115,39 @@ def _jax(objective, variables) -> ValueAndGrad:
         return _to_host(total, terms, grad)
 
     return call
+
+
+def _tensorflow_loop(objective, program):
+    import tensorflow as tf
+
+    def vg(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            total, terms = objective(x)
+        return total, terms, tape.gradient(total, x)
+
+    @tf.function
+    def run(state, n):
+        return program(vg, state, n)
+
+    return lambda state, n: run({k: tf.convert_to_tensor(v) for k, v in state.items()},
+                                tf.constant(n, tf.int32))
+
+
+def _jax_loop(objective, variables, program):
+    import jax
+
+    value_and_grad = jax.value_and_grad(objective, has_aux=True)
+
+    def vg(x):
+        (total, terms), grad = value_and_grad(x)
+        return total, terms, grad
+
+    def pure(values, state, n):
+        # The weights are arguments, not constants baked into the program (as in _jax).
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            return program(vg, state, n)
+
+    run = jax.jit(pure)
+    values = [v.value for v in variables]
+    return lambda state, n: run(values, state, np.int32(n))

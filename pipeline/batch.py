@@ -263,7 +263,10 @@ def _checkpoint(folder, step: optimize.Step, text: dict, plan: list) -> None:
     """The stage goes into the state (a resume continues it) and, in a run of several
     stages, into the PNG's name: `stage2_iter_000150.png`."""
     label = f"stage{step.stage}_" if len(plan) > 1 else ""
-    folder.save_checkpoint(step.image, _done(step), text, {"stage": step.stage}, label)
+    # A device optimiser's state (optimizer.method lbfgs, adam) too: its resume is exact.
+    saved = step.state() if step.state is not None else {}
+    extra = {"stage": step.stage, **{optimize.STATE_PREFIX + k: v for k, v in saved.items()}}
+    folder.save_checkpoint(step.image, _done(step), text, extra, label)
 
 
 def _is_file(init: str) -> bool:

@@ -48,6 +48,8 @@ COLOR_MODES = ("none", "luminance", "histogram")
 INIT_KINDS = ("content", "noise", "style")
 WEIGHT_KINDS = ("imagenet", "random")
 POOLINGS = ("avg", "max")
+METHODS = ("scipy", "lbfgs", "adam")  # optimizer.method: see pipeline/optimize/
+PRECISIONS = ("float32", "bfloat16", "float16")  # model.precision: the network's compute dtype
 MAX_SIZE = 8192
 
 
@@ -77,6 +79,8 @@ class ModelConfig:
     # None: proportional to 1 / C_l^2 (C_l the layer's channels), which is neural-style's
     # Gram normalisation by C*H*W, for whatever style layers are chosen; see style_weights().
     style_layer_weights: list[float] | None = None
+    # The network's compute dtype; Gram matrices, losses and the optimiser stay float32.
+    precision: str = "float32"
 
 
 @dataclass
@@ -105,6 +109,8 @@ class OptimizerConfig:
     # entry is below it (scipy's pgtol).
     ftol: float = 0.0
     gtol: float = 0.0
+    # scipy: L-BFGS-B on the host; lbfgs, adam: compiled, many iterations per device call
+    method: str = "scipy"
 
 
 @dataclass
@@ -470,6 +476,10 @@ def _check(cfg: Config) -> None:
          f"must be one of {', '.join(COLOR_MODES)}")
     need(math.isfinite(cfg.style_scale) and cfg.style_scale > 0, "style_scale",
          "must be a positive number")
+    need(cfg.model.precision in PRECISIONS, "model.precision",
+         f"must be one of {', '.join(PRECISIONS)}")
+    need(cfg.optimizer.method in METHODS, "optimizer.method",
+         f"must be one of {', '.join(METHODS)}")
     need(
         len(cfg.background) == 3 and all(0 <= c <= 255 for c in cfg.background),
         "background",

@@ -88,6 +88,8 @@ class Objective:
     Returns (total, terms), the terms unweighted: content, style and tv.
     """
 
+    terms = ("content", "style", "tv")  # the keys of the terms, in this order
+
     def __init__(self, extractor, layer_names, cfg, content, styles, style_masks=None,
                  content_mask=None):
         """content (H, W, 3) and styles [(h, w, 3), ...] are RGB arrays in 0..255; masks are
@@ -135,14 +137,19 @@ class Objective:
             by_shape.setdefault(image.shape, []).append(i)
         for indices in by_shape.values():
             batch = np.stack([images[i] for i in indices]).astype("float32")
-            maps = self.extractor(preprocess(ops.convert_to_tensor(batch)))
+            maps = self._maps(ops.convert_to_tensor(batch))
             for j, i in enumerate(indices):
                 out[i] = [ops.convert_to_tensor(f[j : j + 1]) for f in maps]
         return out
 
+    def _maps(self, batch):
+        """The feature maps of a batch of pixel images, in float32 whatever precision the
+        network computes in (model.precision): Gram matrices and losses stay float32."""
+        return [ops.cast(f, "float32") for f in self.extractor(preprocess(batch))]
+
     def __call__(self, x):
         """x: the generated image, (H, W, 3) pixels in 0..255, a backend tensor."""
-        maps = self.extractor(preprocess(x[None]))
+        maps = self._maps(x[None])
         content = sum(w * self._content(maps[self.index[n]], n) for n, w in self.content_layers)
         style = sum(w * self._style(maps[self.index[n]], n) for n, w in self.style_layers)
         tv = total_variation(x)

@@ -21,19 +21,30 @@ def preprocess(x):
     return keras.ops.flip(x, axis=-1) - keras.ops.convert_to_tensor(IMAGENET_MEAN_BGR, x.dtype)
 
 
-def vgg(network: str, pooling: str) -> keras.Model:
+def dtype_policy(precision: str) -> str:
+    """Keras's policy for model.precision: a low precision computes in it while the weights
+    stay float32 (Keras's mixed precision), so loading and saving weights is unchanged."""
+    return "float32" if precision == "float32" else f"mixed_{precision}"
+
+
+def vgg(network: str, pooling: str, precision: str = "float32") -> keras.Model:
     """The convolutions of VGG19 or VGG16 under Keras's layer names: the two differ only in
     how many convolutions each block has. The paper swaps max pooling for average pooling
-    ("improves the gradient flow"); the weights fit either."""
+    ("improves the gradient flow"); the weights fit either. Outputs are in `precision`: the
+    losses cast them to float32."""
     pool = keras.layers.AveragePooling2D if pooling == "avg" else keras.layers.MaxPooling2D
+    policy = dtype_policy(precision)
     x = inputs = keras.Input((None, None, 3), name="input")
     for block, (convs, width) in enumerate(zip(BLOCK_CONVS[network], BLOCK_CHANNELS), start=1):
         for i in range(1, convs + 1):
+            # Zeros: load_weights replaces every weight, and Keras's default random draw
+            # costs seconds per run on JAX (one compiled draw per kernel shape).
             conv = keras.layers.Conv2D(
-                width, 3, padding="same", activation="relu", name=f"block{block}_conv{i}"
+                width, 3, padding="same", activation="relu", name=f"block{block}_conv{i}",
+                dtype=policy, kernel_initializer="zeros",
             )
             x = conv(x)
-        x = pool(2, strides=2, name=f"block{block}_pool")(x)
+        x = pool(2, strides=2, name=f"block{block}_pool", dtype=policy)(x)
     return keras.Model(inputs, x, name=network)
 
 
@@ -81,7 +92,7 @@ def feature_extractor(cfg: ModelConfig, seed: int) -> tuple[keras.Model, list[st
     takes only the graph up to the deepest layer asked for, so nothing deeper is computed.
     Returns the extractor, its output layer names in order, and what weights were loaded.
     """
-    full = vgg(cfg.network, cfg.pooling)
+    full = vgg(cfg.network, cfg.pooling, cfg.precision)
     loaded = load_weights(full, cfg.weights, seed)
     names = [n for n in conv_layers(cfg.network) if n in {*cfg.content_layers, *cfg.style_layers}]
     extractor = keras.Model(full.input, [full.get_layer(n).output for n in names])

@@ -129,7 +129,7 @@ def trace_row(step) -> dict:
         "total": step.total,
         **step.terms,
         "stage": step.stage,
-        "size": max(step.image.shape[:2]),  # the stage's long side
+        "size": step.size,  # the stage's long side
     }
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from pipeline import autodiff, color, images, model, optimize, scales
 from pipeline.config import Config, style_size
 from pipeline.losses import Objective
+from pipeline.optimize import device
 
 # Ends of a stage after which the next stage starts (an abnormal end still has a best image).
 _STAGE_DONE = (optimize.COMPLETED, optimize.CONVERGED, optimize.ABNORMAL)
@@ -124,8 +125,16 @@ def stylize(
             def stage_step(step, index=stage.index):
                 on_step(dataclasses.replace(step, stage=index))
         opt = cfg.optimizer
-        result = optimize.minimize(vg, x0, stage.last, opt.history, stage_step, should_stop,
-                                   done, ftol=opt.ftol, gtol=opt.gtol)
+        if opt.method == "scipy":
+            result = optimize.minimize(vg, x0, stage.last, opt.history, stage_step, should_stop,
+                                       done, ftol=opt.ftol, gtol=opt.gtol)
+        else:  # compiled on the device; a checkpoint of this stage holds its state
+            saved = {k[len(optimize.STATE_PREFIX):]: v for k, v in (resume or {}).items()
+                     if k.startswith(optimize.STATE_PREFIX)} if x0 is x else {}
+            method = optimize.device_method(opt.method, opt.history)
+            compiled = device.compile_method(method, objective, extractor.variables)
+            result = device.minimize(compiled, x0, stage.last, stage_step, should_stop, done,
+                                     saved or None, cfg.checkpoint_every)
         initial = initial or result.initial
         if result.reason not in _STAGE_DONE or stage is plan[-1]:
             break

@@ -7,47 +7,24 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.optimize import fmin_l_bfgs_b
 from threadpoolctl import threadpool_limits
 
+from pipeline.optimize.records import (
+    ABNORMAL,
+    COMPLETED,
+    CONVERGED,
+    INTERRUPTED,
+    NON_FINITE,
+    Result,
+    Step,
+)
+
 if TYPE_CHECKING:  # only the type: the optimiser itself needs no deep-learning framework
     from pipeline.autodiff import ValueAndGrad
-
-# Why a run ended: the optimiser's own ends, then ours.
-COMPLETED = "completed"  # the requested iterations ran (scipy warnflag 1)
-CONVERGED = "converged"  # scipy found no further progress (warnflag 0)
-ABNORMAL = "abnormal"  # scipy stopped otherwise, e.g. a failed line search (warnflag 2)
-INTERRUPTED = "interrupted"  # should_stop() said so
-NON_FINITE = "non_finite"  # a NaN or Inf in the loss or gradient
-
-
-@dataclass(frozen=True)
-class Step:
-    """One finished L-BFGS iteration (counts include any earlier, resumed part of the run)."""
-
-    iteration: int
-    evaluations: int
-    seconds: float
-    total: float
-    terms: dict
-    image: np.ndarray = field(repr=False)  # (H, W, 3) float32: the iterate
-    stage: int = 1  # the coarse-to-fine stage (see scales.py); set by the caller
-
-
-@dataclass
-class Result:
-    image: np.ndarray  # the lowest-loss image evaluated
-    reason: str
-    message: str
-    iterations: int
-    evaluations: int
-    seconds: float
-    initial: dict | None  # total and terms at the first evaluation of this call
-    final: dict | None  # total and terms of `image`
 
 
 class _Halt(Exception):
@@ -131,6 +108,7 @@ def minimize(
                 total=evaluator.last["total"],
                 terms={k: v for k, v in evaluator.last.items() if k != "total"},
                 image=xk.reshape(x0.shape).astype(np.float32),
+                size=max(x0.shape[:2]),
             ))
 
     # One BLAS thread: L-BFGS-B's vector work is too small to share, and OpenBLAS's idle
