@@ -225,6 +225,7 @@ def test_tf_tutorial_recipe(tmp_path, vgg19_max, images32):
     assert cfg.loss.content_weight * parts["content"] == pytest.approx(content_tf, rel=1e-4)
     assert cfg.loss.style_weight * parts["style"] == pytest.approx(style_tf, rel=1e-4)
     assert total == pytest.approx(content_tf + style_tf, rel=1e-4)
+    assert (cfg.optimizer.method, cfg.optimizer.iterations) == ("adam", 1000)
 
 
 def test_tv_fits_of_keras_io_and_tf_tutorial(tmp_path):
