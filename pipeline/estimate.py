@@ -1,7 +1,8 @@
 """How much memory and time a run will take on this machine, before it starts.
 
 Not a table written by hand: a calibration measures real runs (random weights, the default
-layers, scipy's L-BFGS-B) at two small sizes, each in a fresh process, and fits
+layers, the run's network, precision and optimiser method) at two small sizes, each in a
+fresh process, and fits
 
     peak memory = a + b * pixels        seconds per iteration = c + d * pixels
 
@@ -9,7 +10,8 @@ which holds because every large buffer (VGG19's activations and their gradients,
 float64 vectors and history) grows with the pixel count, and the rest (the framework, the
 weights) does not. Memory is the process's peak RSS on the CPU (the whole process, since that
 is what the machine must hold) and the backend's peak device memory on a GPU. The fit is
-cached once per machine, backend, device and versions, under the user's cache folder
+cached once per machine, backend, device, versions and setup (network, precision, method),
+under the user's cache folder
 (PIPELINE_CACHE_DIR moves it), so only the first run on a machine pays for it (~30 s on a
 2-core CPU).
 
@@ -43,6 +45,13 @@ CALIBRATION_HISTORY = 10  # scipy's m in the calibration runs
 ENV_CACHE = "PIPELINE_CACHE_DIR"
 ENV_SKIP = "PIPELINE_SKIP_ESTIMATE"  # 1: no estimate and no memory check (the test suite)
 GB = 1e9
+DEFAULT_SETUP = {"network": "vgg19", "precision": "float32", "method": "scipy"}
+
+
+def setup_of(cfg: config.Config) -> dict:
+    """What, besides the size, changes a run's memory and speed: one calibration each."""
+    return {"network": cfg.model.network, "precision": cfg.model.precision,
+            "method": cfg.optimizer.method}
 
 
 class EstimateError(RuntimeError):
@@ -102,9 +111,11 @@ def machine_key() -> dict:
 # --------------------------------------------------------------------------- calibration
 
 
-def calibration(log=None) -> dict:
-    """The cached calibration of this machine, measured now if there is none yet."""
-    key = machine_key()
+def calibration(log=None, setup: dict | None = None) -> dict:
+    """The cached calibration of this machine for `setup` (network, precision, method;
+    default VGG19, float32, scipy), measured now if there is none yet."""
+    setup = {**DEFAULT_SETUP, **(setup or {})}
+    key = {**machine_key(), **setup}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     folder = cache_dir()
     path = folder / f"calibration-{digest}.json"
@@ -120,8 +131,8 @@ def calibration(log=None) -> dict:
         sizes, iterations = (GPU_SIZES, GPU_ITERATIONS) if gpu else (CPU_SIZES, CPU_ITERATIONS)
         if log:
             log(f"estimate: calibrating this machine once ({key['backend']} on {key['device']}, "
-                f"sizes {sizes[0]} and {sizes[1]}); cached in {path}")
-        points = [_measure_in_subprocess(size, iterations) for size in sizes]
+                f"{' '.join(setup.values())}, sizes {sizes[0]} and {sizes[1]}); cached in {path}")
+        points = [_measure_in_subprocess(size, iterations, setup) for size in sizes]
         data = {
             "key": key,
             "points": points,
@@ -155,10 +166,11 @@ def _fit(pixels: list[int], values: list[float]) -> list[float]:
     return [v2 - b * p2, b]
 
 
-def _measure_in_subprocess(size: int, iterations: int) -> dict:
+def _measure_in_subprocess(size: int, iterations: int, setup: dict) -> dict:
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "pipeline.estimate", str(size), str(iterations)],
+            [sys.executable, "-m", "pipeline.estimate", str(size), str(iterations),
+             setup["network"], setup["precision"], setup["method"]],
             capture_output=True, text=True, timeout=1800,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL",
                                                                       "3")})
@@ -171,7 +183,8 @@ def _measure_in_subprocess(size: int, iterations: int) -> dict:
     return json.loads(lines[-1])
 
 
-def _measure(size: int, iterations: int) -> dict:
+def _measure(size: int, iterations: int, network: str = "vgg19", precision: str = "float32",
+             method: str = "scipy") -> dict:
     """In a fresh process: one real run of `iterations` at size x size; its peak memory and
     seconds per iteration (first iteration excluded)."""
 
@@ -181,8 +194,9 @@ def _measure(size: int, iterations: int) -> dict:
     from pipeline.stylize import stylize
 
     cfg = config.Config(content="calibration", style=["calibration"], size=size,
-                        model=config.ModelConfig(weights="random"),
-                        optimizer=config.OptimizerConfig(iterations=iterations,
+                        model=config.ModelConfig(weights="random", network=network,
+                                                 precision=precision),
+                        optimizer=config.OptimizerConfig(iterations=iterations, method=method,
                                                          history=CALIBRATION_HISTORY))
     rng = np.random.default_rng(0)
     content, style = (rng.uniform(0, 255, (size, size, 3)).astype("float32") for _ in "cs")
@@ -296,9 +310,10 @@ def available_memory(cal: dict) -> float:
 
 def estimate(cfg: config.Config, run_id: str, cal: dict, limit: float) -> Estimate:
     (ma, mb), (ta, tb) = cal["memory"], cal["seconds"]
-    # scipy keeps 2 * m float64 vectors of the image's size: the history beyond the
-    # calibration's is added exactly (3 channels, 8 bytes).
-    mb = mb + 2 * (cfg.optimizer.history - CALIBRATION_HISTORY) * 3 * 8
+    # L-BFGS keeps 2 * m vectors of the image's size (scipy: float64 on the host; lbfgs:
+    # float32 on the device): the history beyond the calibration's is added exactly.
+    vector_bytes = {"scipy": 3 * 8, "lbfgs": 3 * 4}.get(cfg.optimizer.method, 0)
+    mb = mb + 2 * (cfg.optimizer.history - CALIBRATION_HISTORY) * vector_bytes
     seconds = 0.0
     for stage in scales.stages(cfg):
         h, w = generated_shape(cfg.content, stage.size)
@@ -321,15 +336,23 @@ def for_jobs(jobs, workers: int = 1, log=None) -> dict[str, Estimate]:
     """Each planned run's estimate, with `workers` runs sharing the device at once."""
     if not jobs:
         return {}
-    cal = calibration(log)
-    devices = max(1, len(_gpus())) if not cal["device"].startswith("cpu") else 1
-    limit = available_memory(cal) / max(1, math.ceil(workers / devices))
-    return {job.run_id: estimate(job.cfg, job.run_id, cal, limit) for job in jobs}
+    out = {}
+    calibrations: dict[str, dict] = {}
+    for job in jobs:
+        setup = setup_of(job.cfg)
+        name = " ".join(setup.values())
+        if name not in calibrations:
+            calibrations[name] = calibration(log, setup)
+        cal = calibrations[name]
+        devices = max(1, len(_gpus())) if not cal["device"].startswith("cpu") else 1
+        limit = available_memory(cal) / max(1, math.ceil(workers / devices))
+        out[job.run_id] = estimate(job.cfg, job.run_id, cal, limit)
+    return out
 
 
 def skipped() -> bool:
     return os.environ.get(ENV_SKIP, "") not in ("", "0")
 
 
-if __name__ == "__main__":  # the calibration's measuring process: SIZE ITERATIONS
-    print(json.dumps(_measure(int(sys.argv[1]), int(sys.argv[2]))))
+if __name__ == "__main__":  # the calibration's measuring process: SIZE ITERATIONS [SETUP]
+    print(json.dumps(_measure(int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:6])))

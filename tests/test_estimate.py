@@ -100,3 +100,23 @@ def test_a_single_run_that_cannot_fit_is_refused_before_it_starts(calibrated, tm
     proc = run_cli("estimate", path, env={estimate.ENV_CACHE: str(cache),
                                           estimate.ENV_SKIP: "0"})
     assert proc.returncode == 0 and "does NOT fit: largest size" in proc.stdout
+
+
+def test_each_network_precision_and_method_is_calibrated_on_its_own(calibrated, tmp_path):
+    """Adam is not scipy (no float64 host vectors, one evaluation per step): a sweep over the
+    method calibrates the new setup once, with that setup, beside the default one, which it
+    reuses; each run's estimate comes from its own setup's calibration."""
+    cache, default = calibrated
+    path = write_config(tmp_path, name="setups", size=64,
+                        sweep={"optimizer.method": ["scipy", "adam"]})
+    jobs = batch.plan(config.load(path))
+    estimates = estimate.for_jobs(jobs)
+    cals = {c["key"]["method"]: c for c in (json.loads(p.read_text())
+                                           for p in cache.glob("calibration-*.json"))}
+    assert set(cals) == {"scipy", "adam"} and cals["scipy"] == default
+    assert (cals["adam"]["key"]["network"], cals["adam"]["key"]["precision"]) == (
+        "vgg19", "float32")
+    for job in jobs:
+        cal = cals[job.cfg.optimizer.method]
+        expected = estimate.estimate(job.cfg, job.run_id, cal, estimates[job.run_id].limit_bytes)
+        assert estimates[job.run_id] == expected
