@@ -18,7 +18,6 @@ and the ratio run / vg alone for each run row (the target is at most 1.15x).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -29,13 +28,11 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import demo_inputs, write_json  # noqa: E402
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
-from pipeline import autodiff, batch, config, images, model, optimize  # noqa: E402
+from pipeline import autodiff, optimize  # noqa: E402
 from pipeline.losses import Objective  # noqa: E402
-from pipeline.stylize import prepare  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class _NoLimit:
@@ -79,12 +76,7 @@ def main(argv=None):
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args(argv)
 
-    (job,) = batch.plan(config.load(ROOT / "configs" / "demo.yaml",
-                                    [f"size={args.size}", "model.weights=random"]))
-    cfg = job.cfg  # style globs expanded into a list of files
-    content, styles = prepare(cfg, images.load_image(cfg.content),
-                              [images.load_image(s) for s in cfg.style])
-    extractor, names, _ = model.feature_extractor(cfg.model, cfg.seed)
+    cfg, content, styles, extractor, names = demo_inputs(args.size)
     vg = autodiff.value_and_grad(Objective(extractor, names, cfg, content, styles),
                                  extractor.variables)
     vg(content)  # compile and warm up outside the clock
@@ -115,9 +107,7 @@ def main(argv=None):
         median = statistics.median(values)
         summary[name] = {"seconds_per_evaluation": median, "ratio_to_vg_alone": median / floor}
         print(f"{name:18} {median:13.4f} {median / floor:10.2f}x")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(args.json, summary)
 
 
 if __name__ == "__main__":

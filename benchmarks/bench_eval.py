@@ -17,7 +17,6 @@ float64 boundary), and the ratio pipeline / seed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -28,9 +27,10 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import demo_inputs, write_json  # noqa: E402
 from keras import ops  # noqa: E402
 
-from pipeline import autodiff, batch, config, images, model, optimize  # noqa: E402
+from pipeline import autodiff, images, model, optimize  # noqa: E402
 from pipeline.losses import (  # noqa: E402
     Objective,
     content_loss,
@@ -39,9 +39,6 @@ from pipeline.losses import (  # noqa: E402
     style_loss,
     total_variation,
 )
-from pipeline.stylize import prepare  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class SeedObjective:
@@ -101,12 +98,7 @@ def main(argv=None):
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args(argv)
 
-    (job,) = batch.plan(config.load(ROOT / "configs" / "demo.yaml",
-                                    [f"size={args.size}", "model.weights=random"]))
-    cfg = job.cfg  # style globs expanded into a list of files
-    content, styles = prepare(cfg, images.load_image(cfg.content),
-                              [images.load_image(s) for s in cfg.style])
-    extractor, names, _ = model.feature_extractor(cfg.model, cfg.seed)
+    cfg, content, styles, extractor, names = demo_inputs(args.size)
     contenders = {
         "pipeline": Objective(extractor, names, cfg, content, styles),
         "seed": SeedObjective(extractor, names, cfg, content, styles[0]),
@@ -137,9 +129,7 @@ def main(argv=None):
     ratio = per_eval["pipeline"] / per_eval["seed"]
     summary["ratio"] = ratio
     print(f"pipeline / seed: {ratio:.2f}x")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(args.json, summary)
 
 
 if __name__ == "__main__":

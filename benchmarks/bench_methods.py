@@ -38,13 +38,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import demo_inputs, write_json  # noqa: E402
 from keras import ops  # noqa: E402
 
-from pipeline import autodiff, batch, config, images, model, optimize  # noqa: E402
+from pipeline import autodiff, config, optimize  # noqa: E402
 from pipeline.losses import Objective  # noqa: E402
 from pipeline.optimize import device  # noqa: E402
 from pipeline.optimize.lbfgs import LBFGS  # noqa: E402
-from pipeline.stylize import prepare  # noqa: E402
 
 
 def machine() -> str:
@@ -65,14 +65,8 @@ class Contender:
     def __init__(self, method: str, precision: str, size: int, history: int):
         self.method, self.precision = method, precision
         self.name = f"{method}/{precision}"
-        (job,) = batch.plan(config.load(
-            ROOT / "configs" / "demo.yaml",
-            [f"size={size}", "model.weights=random", f"model.precision={precision}",
-             f"optimizer.history={history}"]))
-        cfg = job.cfg  # planned: style is a list of files only after planning
-        content, styles = prepare(cfg, images.load_image(cfg.content),
-                                  [images.load_image(s) for s in cfg.style])
-        extractor, names, _ = model.feature_extractor(cfg.model, cfg.seed)
+        cfg, content, styles, extractor, names = demo_inputs(
+            size, f"model.precision={precision}", f"optimizer.history={history}")
         objective = Objective(extractor, names, cfg, content, styles)
         self.x0 = content
         self.inside = [0.0]  # seconds spent in the compiled step (vg, or a device call)
@@ -298,9 +292,7 @@ def main(argv=None):
         print(f"# {machine()}; {env['backend']} on {env['device']}; {shape[1]}x{shape[0]} px; "
               f"history {args.history}; {args.repeats} repeats, medians")
         rows = reach_table(args, contenders) if args.reach else cpu_table(args, contenders)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

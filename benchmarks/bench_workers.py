@@ -16,7 +16,6 @@ Reports the median runs per hour for each setting and its ratio to the first one
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -26,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, write_json
 
 
 def settings(args) -> dict[str, list[str]]:
@@ -95,9 +94,7 @@ def main(argv=None):
         base = base or per_hour
         summary["settings"][name] = {"batch_seconds": wall, "runs_per_hour": per_hour}
         print(f"{name:>10} {wall:>9.1f} {per_hour:>10.0f} {per_hour / base:>11.2f}x")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(args.json, summary)
 
 
 if __name__ == "__main__":
