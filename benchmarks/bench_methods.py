@@ -62,9 +62,13 @@ def machine() -> str:
 class Contender:
     """One optimiser at one precision, compiled for the demo images at one size."""
 
-    def __init__(self, method: str, precision: str, size: int, history: int):
+    def __init__(self, method: str, precision: str, size: int, history: int | None = None):
         self.method, self.precision = method, precision
         self.name = f"{method}/{precision}"
+        kind = "lbfgs" if method.startswith("lbfgs") else method
+        # None: each method's own default (config.DEFAULT_HISTORY), as a run would use.
+        history = history or config.history(config.OptimizerConfig(method=kind))
+        self.history = history
         cfg, content, styles, extractor, names = demo_inputs(
             size, f"model.precision={precision}", f"optimizer.history={history}")
         objective = Objective(extractor, names, cfg, content, styles)
@@ -73,7 +77,6 @@ class Contender:
         if method == "scipy":
             self.vg = self._timed(autodiff.value_and_grad(objective, extractor.variables))
         else:
-            kind = "lbfgs" if method.startswith("lbfgs") else method
             opt = LBFGS(history, line_search=True) if method == "lbfgs+armijo" else \
                 optimize.device_method(kind, history)
             self.compiled = device.compile_method(opt, objective, extractor.variables)
@@ -108,8 +111,8 @@ class Contender:
             return late or (target is not None and steps and steps[-1].total <= target)
 
         if self.method == "scipy":
-            result = optimize.minimize(self.vg, self.x0, iterations, on_step=steps.append,
-                                       should_stop=stop)
+            result = optimize.minimize(self.vg, self.x0, iterations, self.history,
+                                       on_step=steps.append, should_stop=stop)
         else:
             result = device.minimize(self.compiled, self.x0, iterations, on_step=steps.append,
                                      should_stop=stop)
@@ -188,7 +191,7 @@ def gpu_one(method: str, precision: str, size: int, iterations: int, repeats: in
     """One line of the GPU table, in this (fresh) process."""
     import keras
 
-    c = Contender(method, precision, size, history=10)
+    c = Contender(method, precision, size)
     c.run(3)  # compile and warm up
     walls, shares = [], []
     for _ in range(repeats):
@@ -256,7 +259,8 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=10.0,
                         help="wall time of each turn: the loss is compared at this time")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--history", type=int, default=10)
+    parser.add_argument("--history", type=int, default=None,
+                        help="L-BFGS memory for every method (default: each method's own)")
     parser.add_argument("--methods", nargs="+", default=list(config.METHODS),
                         choices=[*config.METHODS, "lbfgs+armijo"])
     parser.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"],
@@ -290,7 +294,9 @@ def main(argv=None):
         env = autodiff.environment()
         shape = contenders[0].x0.shape
         print(f"# {machine()}; {env['backend']} on {env['device']}; {shape[1]}x{shape[0]} px; "
-              f"history {args.history}; {args.repeats} repeats, medians")
+              "history " + ", ".join(sorted({f"{c.method.split('+')[0]} {c.history}"
+                                             for c in contenders}))
+              + f"; {args.repeats} repeats, medians")
         rows = reach_table(args, contenders) if args.reach else cpu_table(args, contenders)
     write_json(args.json, rows)
 

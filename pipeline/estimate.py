@@ -313,7 +313,7 @@ def estimate(cfg: config.Config, run_id: str, cal: dict, limit: float) -> Estima
     # L-BFGS keeps 2 * m vectors of the image's size (scipy: float64 on the host; lbfgs:
     # float32 on the device): the history beyond the calibration's is added exactly.
     vector_bytes = {"scipy": 3 * 8, "lbfgs": 3 * 4}.get(cfg.optimizer.method, 0)
-    mb = mb + 2 * (cfg.optimizer.history - CALIBRATION_HISTORY) * vector_bytes
+    mb = mb + 2 * (config.history(cfg.optimizer) - CALIBRATION_HISTORY) * vector_bytes
     seconds = 0.0
     for stage in scales.stages(cfg):
         h, w = generated_shape(cfg.content, stage.size)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
-from pipeline import autodiff, color, images, model, optimize, scales
+from pipeline import autodiff, color, config, images, model, optimize, scales
 from pipeline.config import Config, style_size
 from pipeline.losses import Objective
 from pipeline.optimize import device
@@ -126,12 +126,12 @@ def stylize(
                 on_step(dataclasses.replace(step, stage=index))
         opt = cfg.optimizer
         if opt.method == "scipy":
-            result = optimize.minimize(vg, x0, stage.last, opt.history, stage_step, should_stop,
-                                       done, ftol=opt.ftol, gtol=opt.gtol)
+            result = optimize.minimize(vg, x0, stage.last, config.history(opt), stage_step,
+                                       should_stop, done, ftol=opt.ftol, gtol=opt.gtol)
         else:  # compiled on the device; a checkpoint of this stage holds its state
             saved = {k[len(optimize.STATE_PREFIX):]: v for k, v in (resume or {}).items()
                      if k.startswith(optimize.STATE_PREFIX)} if x0 is x else {}
-            method = optimize.device_method(opt.method, opt.history)
+            method = optimize.device_method(opt.method, config.history(opt))
             compiled = device.compile_method(method, objective, extractor.variables)
             result = device.minimize(compiled, x0, stage.last, stage_step, should_stop, done,
                                      saved or None, cfg.checkpoint_every)

@@ -71,7 +71,7 @@ def test_minimal_config_takes_the_schema_defaults(exp):
     cfg = config.load(minimal(exp))
     assert cfg.size == 512
     assert cfg.optimizer.iterations == 500
-    assert cfg.optimizer.history == 10
+    assert cfg.optimizer.history is None and config.history(cfg.optimizer) == 10  # scipy's
     assert cfg.model.pooling == "max"  # as neural-style, whose weights are the defaults
     assert cfg.model.network == "vgg19" and cfg.model.weights == "imagenet"
     assert cfg.style_scale == 1.0 and cfg.preserve_colors == "none"
@@ -545,6 +545,21 @@ def test_sweep_with_a_content_glob_multiplies(exp):
 
 
 # --------------------------------------------------------------------------- hashing
+
+
+def test_each_run_records_its_methods_history_unless_one_is_set(exp):
+    path = minimal(exp, "sweep:\n  optimizer.method: [scipy, lbfgs, adam]\n")
+    runs = {one.optimizer.method: one for _, one in config.expand(config.load(path))}
+    assert {m: one.optimizer.history for m, one in runs.items()} == {
+        "scipy": 10, "lbfgs": 30, "adam": 10}  # adam keeps no pairs: the number is unused
+    (fixed,) = [one for _, one in config.expand(config.load(path, ["optimizer.history=5"]))
+                if one.optimizer.method == "lbfgs"]
+    assert fixed.optimizer.history == 5
+    # A default spelled out is the same run: ids made before the default was per method hold.
+    unset, spelled = (config.expand(config.load(minimal(exp), o))[0][1]
+                      for o in ([], ["optimizer.history=10"]))
+    assert config.run_id(unset) == config.run_id(spelled)
+    assert config.config_hash(config.load(minimal(exp))) == config.config_hash(spelled)
 
 
 def test_run_id_is_deterministic_and_follows_the_pixels(exp):

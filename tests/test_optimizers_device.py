@@ -1,6 +1,6 @@
 """The device optimisers (optimizer.method lbfgs and adam) and model.precision.
 
-The math is checked against independent computations: the two-loop recursion against the
+The math is checked against independent computations: L-BFGS's direction against the
 dense BFGS inverse-Hessian update in numpy, Adam against Keras's own Adam on the tutorial's
 0..1 pixels, convergence against the closed-form bounded minimum of a quadratic. Then, with
 the real VGG19 and real checkpoint files: a run stopped and resumed gives the same pixels, bit
@@ -54,34 +54,39 @@ def run(method, objective, x0, iterations, **kwargs):
     return result, steps
 
 
-def test_two_loop_recursion_is_the_dense_bfgs_inverse_hessian():
+@pytest.mark.parametrize("count", [0, 1, 2, 5, 9])
+def test_lbfgs_direction_is_the_dense_bfgs_inverse_hessian(count):
     """-H g, H from gamma I updated by each kept pair, oldest first (Nocedal and Wright
-    (7.19)); five pairs through a ring of three, so the oldest two must be forgotten."""
-    rng = np.random.default_rng(0)
+    (7.19)). The compact form with its ring buffers must give the same vector: before any
+    pair, with the ring part full, and with 5 or 9 pairs through a ring of 3 (the oldest
+    forgotten). A pair with s.y <= 0 is offered between the others and must change nothing."""
+    rng = np.random.default_rng(count)
     n, m = 6, 3
     lbfgs = LBFGS(history=m)
     state = {k: ops.convert_to_tensor(v) for k, v in lbfgs.init(np.zeros(n, "float32")).items()}
     pairs = []
-    for _ in range(5):
+    for i in range(count):
         s = rng.normal(size=n).astype("float32")
         y = (s + 0.3 * rng.normal(size=n)).astype("float32")  # s.y > 0
         pairs.append((s, y))
-        k = int(state["pairs"]) % m
-        state["s"] = ops.scatter_update(state["s"], [[k]], s[None])
-        state["y"] = ops.scatter_update(state["y"], [[k]], y[None])
-        state["rho"] = ops.scatter_update(state["rho"], [[k]], [1 / float(s @ y)])
-        state["pairs"] = state["pairs"] + 1
+        state = lbfgs.remember(state, ops.convert_to_tensor(s), ops.convert_to_tensor(y),
+                               ops.convert_to_tensor(True))
+        if i == 1:  # negative curvature: not kept
+            state = lbfgs.remember(state, ops.convert_to_tensor(s), ops.convert_to_tensor(-y),
+                                   ops.convert_to_tensor(False))
     g = rng.normal(size=n).astype("float32")
-    d = ops.convert_to_numpy(lbfgs.direction(ops.convert_to_tensor(g), state["s"], state["y"],
-                                             state["rho"], state["pairs"]))
+    d = ops.convert_to_numpy(lbfgs.direction(ops.convert_to_tensor(g), state))
     kept = [(s.astype(float), y.astype(float)) for s, y in pairs[-m:]]
-    s, y = kept[-1]
-    h = (s @ y) / (y @ y) * np.eye(n)
+    h = np.eye(n)
+    if kept:
+        s, y = kept[-1]
+        h = (s @ y) / (y @ y) * np.eye(n)
     for s, y in kept:
         rho = 1 / (s @ y)
         v = np.eye(n) - rho * np.outer(y, s)
         h = v.T @ h @ v + rho * np.outer(s, s)
     np.testing.assert_allclose(d, -h @ g, rtol=1e-4, atol=1e-5)
+    assert int(state["pairs"]) == count
 
 
 @pytest.mark.parametrize("line_search", [False, True])
@@ -103,7 +108,7 @@ def test_lbfgs_reaches_the_bounded_minimum_and_reports_each_iteration(line_searc
     with_image = {s.iteration for s in steps if s.image is not None}
     assert {7, 14, 21, 28, 35, 42, 49, 56, 60} <= with_image
     assert all(s.state is not None for s in steps if s.image is not None)
-    assert set(steps[-1].state()) >= {"s", "y", "rho", "pairs", "grad", "best_x"}
+    assert set(steps[-1].state()) >= {"s", "y", "sy", "yy", "pairs", "grad", "best_x"}
     assert np.all(steps[-1].image >= 0) and np.all(steps[-1].image <= 255)
 
 
@@ -197,7 +202,7 @@ def interrupted_equals_whole(folder: Path, method: str) -> list[str]:
 def test_stopped_and_resumed_equals_uninterrupted_bit_for_bit(tmp_path, method):
     assert interrupted_equals_whole(tmp_path, method) == []
     state = RunFolder(next((tmp_path / "out" / "parts").glob("parts-*"))).load_state()
-    own = {"s", "y", "rho", "pairs"} if method == "lbfgs" else {"m", "v", "t"}
+    own = {"s", "y", "sy", "yy", "pairs"} if method == "lbfgs" else {"m", "v", "t"}
     assert {"optimizer." + k for k in own} <= set(state)
 
 

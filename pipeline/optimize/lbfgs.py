@@ -1,6 +1,15 @@
-"""L-BFGS on the device, in keras.ops: the two-loop recursion over the last `history`
-(s, y) pairs (Nocedal and Wright, Algorithm 7.4), a step, and projection onto 0..255, all
-inside the compiled loop of optimize.device.
+"""L-BFGS on the device, in keras.ops: the inverse Hessian from the last `history` (s, y)
+pairs, a step, and projection onto 0..255, all inside the compiled loop of optimize.device.
+
+The direction -H g comes from the compact representation of Byrd, Nocedal and Schnabel
+(1994, Theorem 2.2), the form scipy's L-BFGS-B uses, not from the two-loop recursion
+(Nocedal and Wright, Algorithm 7.4) that gives the same vector: the two-loop recursion is
+2 * history dependent steps, each a few tiny kernels (a loop iteration costs the host a
+round trip on a GPU and ~0.1 ms of graph overhead on a CPU), where the compact form is four
+matrix-vector products over the history and two triangular solves of history x history.
+So a long history costs little, and a long history is what makes each iteration count:
+at 128 px the loss after 300 iterations with history 30 or 100 was 1.4% lower than with 10
+(README, "Optimisers"). S^T Y and Y^T Y are kept up to date one row and column per pair.
 
 The step is fixed, as in jcjohnson/neural-style and torch.optim.LBFGS's default: the first
 iteration moves min(1, 1 / |g|_1) along -g, every later one takes the quasi-Newton step
@@ -33,45 +42,63 @@ class LBFGS:
         self.history, self.line_search = history, line_search
 
     def init(self, x0: np.ndarray) -> dict:
+        """The pairs live in ring buffers: pair number p in slot p mod history. `sy` holds
+        s_i.y_j for slots i, j and `yy` y_i.y_j."""
         m, n = self.history, x0.size
         return {"s": np.zeros((m, n), np.float32), "y": np.zeros((m, n), np.float32),
-                "rho": np.zeros((m,), np.float32), "pairs": np.int32(0)}
+                "sy": np.zeros((m, m), np.float32), "yy": np.zeros((m, m), np.float32),
+                "pairs": np.int32(0)}
 
-    def direction(self, g, s_all, y_all, rho, pairs):
-        """-H g by the two-loop recursion; pair j (newest first) lives in slot
-        (pairs - 1 - j) mod m of the ring buffers. Slots never written have rho 0, so they
-        change nothing and need no mask."""
+    def remember(self, state, s, y, keep):
+        """The ring buffers with the pair (s, y) written over the oldest, where `keep`."""
         m = self.history
-        marks = ops.arange(m)
+        k = state["pairs"] % m
+        index = ops.reshape(k, (1, 1))
+        # One row written in place (a copy of the whole buffer would cost as much as the
+        # direction), the old row written back when the pair is not kept.
+        new_s = ops.scatter_update(
+            state["s"], index, ops.where(keep, s, ops.take(state["s"], k, axis=0))[None])
+        new_y = ops.scatter_update(
+            state["y"], index, ops.where(keep, y, ops.take(state["y"], k, axis=0))[None])
+        slot = ops.logical_and(ops.arange(m) == k, keep)
+        row, column = slot[:, None], slot[None, :]
+        sy = ops.where(column, ops.matmul(new_s, y)[:, None], state["sy"])  # s_i . y
+        sy = ops.where(row, ops.matmul(new_y, s)[None, :], sy)  # s . y_j
+        y_y = ops.matmul(new_y, y)
+        yy = ops.where(row, y_y[None, :], ops.where(column, y_y[:, None], state["yy"]))
+        return {"s": new_s, "y": new_y, "sy": sy, "yy": yy,
+                "pairs": state["pairs"] + ops.cast(keep, "int32")}
 
-        def slot(j):
-            return (pairs - 1 - j + m) % m
-
-        def newest_first(j, carry):
-            q, alphas = carry
-            k = slot(j)
-            a = ops.take(rho, k) * ops.sum(ops.take(s_all, k, axis=0) * q)
-            return q - a * ops.take(y_all, k, axis=0), ops.where(marks == j, a, alphas)
-
-        q, alphas = ops.fori_loop(0, m, newest_first, (g, ops.zeros((m,))))
-        # Initial Hessian gamma I with gamma = s.y / y.y of the newest pair (1 before any).
-        s_new, y_new = ops.take(s_all, slot(0), axis=0), ops.take(y_all, slot(0), axis=0)
-        yy = ops.sum(y_new * y_new)
-        gamma = ops.where(pairs > 0, ops.sum(s_new * y_new) / ops.maximum(yy, 1e-30), 1.0)
-
-        def oldest_first(i, r):
-            j = m - 1 - i
-            k = slot(j)
-            b = ops.take(rho, k) * ops.sum(ops.take(y_all, k, axis=0) * r)
-            return r + ops.take(s_all, k, axis=0) * (ops.take(alphas, j) - b)
-
-        return -ops.fori_loop(0, m, oldest_first, gamma * q)
+    def direction(self, g, state):
+        """-H g, H = gamma I + [S  gamma Y] M [S^T; gamma Y^T] with
+        M = [[R^-T (D + gamma Y^T Y) R^-1, -R^-T], [-R^-1, 0]], R the upper triangle of S^T Y
+        with pairs oldest first, D its diagonal, gamma = s.y / y.y of the newest pair (1
+        before any). Slots never written are zeros: their rows of R are set to the identity's,
+        so they solve to 0 and change nothing."""
+        m, pairs = self.history, state["pairs"]
+        s_all, y_all = state["s"], state["y"]
+        age = (pairs + ops.arange(m)) % m  # slot of the j-th oldest; unwritten slots first
+        written = ops.take(ops.arange(m) < pairs, age)
+        sy = ops.take(ops.take(state["sy"], age, axis=0), age, axis=1)
+        yy = ops.take(ops.take(state["yy"], age, axis=0), age, axis=1)
+        newest = (pairs - 1 + m) % m
+        gamma = ops.where(pairs > 0, ops.take(ops.diagonal(state["sy"]), newest)
+                          / ops.maximum(ops.take(ops.diagonal(state["yy"]), newest), 1e-30), 1.0)
+        diagonal = ops.diagonal(sy)
+        r = ops.triu(sy) + ops.diag(ops.where(written, 0.0, 1.0))
+        a = ops.take(ops.matmul(s_all, g), age)  # S^T g
+        b = gamma * ops.take(ops.matmul(y_all, g), age)  # gamma Y^T g
+        p = ops.solve_triangular(r, a[:, None], lower=False)  # R^-1 S^T g
+        inner = diagonal[:, None] * p + gamma * ops.matmul(yy, p) - b[:, None]
+        w = ops.solve_triangular(ops.transpose(r), inner, lower=True)
+        back = (ops.arange(m) - pairs + m) % m  # each slot's position in age order
+        w, p = ops.take(w[:, 0], back), ops.take(p[:, 0], back)
+        return -(gamma * g + ops.matmul(w, s_all) - gamma * ops.matmul(p, y_all))
 
     def step(self, vg, state):
         x, g = state["x"], state["grad"]
         flat_g = ops.reshape(g, (-1,))
-        d = ops.reshape(self.direction(flat_g, state["s"], state["y"], state["rho"],
-                                       state["pairs"]), ops.shape(x))
+        d = ops.reshape(self.direction(flat_g, state), ops.shape(x))
         # torch.optim.LBFGS's first step: at most 1 along -g, less when the gradient is large.
         first = ops.minimum(1.0, 1.0 / ops.sum(ops.abs(flat_g)))
         t = ops.where(state["pairs"] > 0, 1.0, first)
@@ -100,20 +127,6 @@ class LBFGS:
 
         s = ops.reshape(x_new - x, (-1,))
         y = ops.reshape(g_new, (-1,)) - flat_g
-        sy = ops.sum(s * y)
-        keep = sy > CURVATURE_EPS
-        k = state["pairs"] % self.history
-        old_s, old_y = ops.take(state["s"], k, axis=0), ops.take(state["y"], k, axis=0)
-        index = ops.reshape(k, (1, 1))
-        new = {
-            "x": x_new,
-            "loss": total,
-            "grad": g_new,
-            "s": ops.scatter_update(state["s"], index, ops.where(keep, s, old_s)[None]),
-            "y": ops.scatter_update(state["y"], index, ops.where(keep, y, old_y)[None]),
-            "rho": ops.scatter_update(
-                state["rho"], index,
-                ops.where(keep, 1.0 / ops.where(keep, sy, 1.0), ops.take(state["rho"], k))[None]),
-            "pairs": state["pairs"] + ops.cast(keep, "int32"),
-        }
-        return new, total, terms, evaluations
+        keep = ops.sum(s * y) > CURVATURE_EPS
+        return ({"x": x_new, "loss": total, "grad": g_new, **self.remember(state, s, y, keep)},
+                total, terms, evaluations)
