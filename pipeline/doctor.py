@@ -87,6 +87,9 @@ def main() -> int:
     features = ("unknown" if flags is None else
                 ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in hardware.SPEED_FLAGS))
     _line("CPU", f"{platform.machine()}, {cores} usable core(s) of {total}; {features}")
+    hint = hardware.bfloat16_hint(backend, device, flags)
+    if hint:
+        notes.append(hint)
     load = hardware.load_average()
     _line("load", f"{load:.1f} (1 minute): {hardware.free_cores(cores, load)} free core(s), "
           "which --workers auto counts")

@@ -96,6 +96,18 @@ def cpu_flags() -> set[str] | None:
     return None
 
 
+def bfloat16_hint(backend: str, device: str, flags: set[str] | None) -> str | None:
+    """On a CPU that computes bfloat16 natively (AVX512_BF16, AMX), TensorFlow runs the
+    network in model.precision: bfloat16 about 1.6x faster than in float32 (README, Speed).
+    Not on JAX: XLA's CPU backend gains nothing from it (0.9x measured)."""
+    if backend != "tensorflow" or device != "cpu" or not flags:
+        return None
+    if not {"avx512_bf16", "amx_bf16"} & flags:
+        return None
+    return ("this CPU computes bfloat16 natively: model.precision: bfloat16 runs the network "
+            "about 1.6x faster with TensorFlow")
+
+
 def free_cores(cores: int, load: float) -> int:
     """Cores not already busy: `load` is the 1-minute load average of the whole machine."""
     return min(cores, max(1, cores - round(load)))

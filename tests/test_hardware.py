@@ -199,6 +199,20 @@ def test_doctor_reports_the_machine_and_exits_0_when_fine(tmp_path):
     assert lines["weights"] == (f"ImageNet VGG19 missing: looked for {expected} "
                                 "($KERAS_HOME/models/, else ~/.keras/models/)")
     assert lines["verdict"].startswith("ok")
+    native_bf16 = bool({"avx512_bf16", "amx_bf16"} & set(flags))
+    assert ("model.precision: bfloat16" in lines["verdict"]) == native_bf16
+
+
+@pytest.mark.parametrize("backend, device, flags, hinted", [
+    ("tensorflow", "cpu", {"avx2", "avx512f", "avx512_bf16"}, True),
+    ("tensorflow", "cpu", {"avx2", "amx_tile", "amx_bf16"}, True),
+    ("tensorflow", "cpu", {"avx2", "avx512f"}, False),  # no bfloat16 unit: emulated, slower
+    ("tensorflow", "cpu", None, False),  # flags unknown
+    ("jax", "cpu: cpu", {"avx512_bf16"}, False),  # XLA's CPU backend does not gain
+    ("tensorflow", "gpu: /physical_device:GPU:0", {"avx512_bf16"}, False),
+])
+def test_bfloat16_is_suggested_only_where_it_was_measured_faster(backend, device, flags, hinted):
+    assert (hardware.bfloat16_hint(backend, device, flags) is not None) == hinted
 
 
 def test_doctor_names_each_problem_with_its_fix_and_exits_1(tmp_path, fake_gpus):
