@@ -206,10 +206,15 @@ def test_stopped_and_resumed_equals_uninterrupted_bit_for_bit(tmp_path, method):
     assert {"optimizer." + k for k in own} <= set(state)
 
 
-def test_stopped_and_resumed_equals_uninterrupted_on_jax(tmp_path):
+def test_lbfgs_direction_and_resumes_on_jax(tmp_path):
+    """On JAX: L-BFGS's direction against dense BFGS, and both methods stopped and resumed
+    equal to uninterrupted. One process: JAX's start-up is most of the time."""
     code = ("import sys; from pathlib import Path; import test_optimizers_device as t; "
             "import keras; assert keras.backend.backend() == 'jax'; "
-            "print('PROBLEMS', t.interrupted_equals_whole(Path(sys.argv[1]), 'lbfgs'))")
+            "[t.test_lbfgs_direction_is_the_dense_bfgs_inverse_hessian(c) for c in (0, 2, 9)]; "
+            "[(Path(sys.argv[1]) / m).mkdir() for m in ('lbfgs', 'adam')]; "
+            "print('PROBLEMS', [p for m in ('lbfgs', 'adam') "
+            "for p in t.interrupted_equals_whole(Path(sys.argv[1]) / m, m)])")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT / "tests",
                           env=cli_env(KERAS_BACKEND="jax"), capture_output=True, text=True,
                           timeout=600)
