@@ -4,10 +4,11 @@ pairs, a step, and projection onto 0..255, all inside the compiled loop of optim
 The direction -H g comes from the compact representation of Byrd, Nocedal and Schnabel
 (1994, Theorem 2.2), the form scipy's L-BFGS-B uses, not from the two-loop recursion
 (Nocedal and Wright, Algorithm 7.4) that gives the same vector: the two-loop recursion is
-2 * history dependent steps, each a few tiny kernels (a loop iteration costs the host a
-round trip on a GPU and ~0.1 ms of graph overhead on a CPU), where the compact form is four
-matrix-vector products over the history and two triangular solves of history x history.
-So a long history costs little, and a long history is what makes each iteration count:
+2 * history dependent steps, each a few tiny kernels (about 0.2 ms of loop overhead per step
+measured on a CPU with TensorFlow), where the compact form is four matrix-vector products
+over the history and two triangular solves of history x history. At 128 px, history 100
+cost the two-loop recursion 1.26x the seconds per iteration of history 10, the compact form
+1.10x. So a long history costs little, and a long history is what makes each iteration count:
 at 128 px the loss after 300 iterations with history 30 or 100 was 1.4% lower than with 10
 (README, "Optimisers"). S^T Y and Y^T Y are kept up to date one row and column per pair.
 
