@@ -38,6 +38,18 @@ ARMIJO_C1 = 1e-4  # sufficient decrease: f(x + t d) <= f(x) + c1 g.(x_new - x)
 MAX_HALVINGS = 10  # the line search gives up after this many and takes the last trial
 
 
+def _dots(rows, v):
+    """rows @ v as a multiply and a sum, not a matmul: GPUs run float32 matmuls in TF32 by
+    default on both backends (10-bit mantissas), and s.y can be a small difference of large
+    products. XLA fuses the two into one pass over the rows."""
+    return ops.sum(rows * v[None, :], axis=1)
+
+
+def _combine(c, rows):
+    """c @ rows (a sum of rows), for the same reason as _dots."""
+    return ops.sum(c[:, None] * rows, axis=0)
+
+
 class LBFGS:
     def __init__(self, history: int = 10, line_search: bool = False):
         self.history, self.line_search = history, line_search
@@ -63,9 +75,9 @@ class LBFGS:
             state["y"], index, ops.where(keep, y, ops.take(state["y"], k, axis=0))[None])
         slot = ops.logical_and(ops.arange(m) == k, keep)
         row, column = slot[:, None], slot[None, :]
-        sy = ops.where(column, ops.matmul(new_s, y)[:, None], state["sy"])  # s_i . y
-        sy = ops.where(row, ops.matmul(new_y, s)[None, :], sy)  # s . y_j
-        y_y = ops.matmul(new_y, y)
+        sy = ops.where(column, _dots(new_s, y)[:, None], state["sy"])  # s_i . y
+        sy = ops.where(row, _dots(new_y, s)[None, :], sy)  # s . y_j
+        y_y = _dots(new_y, y)
         yy = ops.where(row, y_y[None, :], ops.where(column, y_y[:, None], state["yy"]))
         return {"s": new_s, "y": new_y, "sy": sy, "yy": yy,
                 "pairs": state["pairs"] + ops.cast(keep, "int32")}
@@ -87,14 +99,14 @@ class LBFGS:
                           / ops.maximum(ops.take(ops.diagonal(state["yy"]), newest), 1e-30), 1.0)
         diagonal = ops.diagonal(sy)
         r = ops.triu(sy) + ops.diag(ops.where(written, 0.0, 1.0))
-        a = ops.take(ops.matmul(s_all, g), age)  # S^T g
-        b = gamma * ops.take(ops.matmul(y_all, g), age)  # gamma Y^T g
+        a = ops.take(_dots(s_all, g), age)  # S^T g
+        b = gamma * ops.take(_dots(y_all, g), age)  # gamma Y^T g
         p = ops.solve_triangular(r, a[:, None], lower=False)  # R^-1 S^T g
-        inner = diagonal[:, None] * p + gamma * ops.matmul(yy, p) - b[:, None]
+        inner = diagonal[:, None] * p + gamma * _dots(yy, p[:, 0])[:, None] - b[:, None]
         w = ops.solve_triangular(ops.transpose(r), inner, lower=True)
         back = (ops.arange(m) - pairs + m) % m  # each slot's position in age order
         w, p = ops.take(w[:, 0], back), ops.take(p[:, 0], back)
-        return -(gamma * g + ops.matmul(w, s_all) - gamma * ops.matmul(p, y_all))
+        return -(gamma * g + _combine(w, s_all) - gamma * _combine(p, y_all))
 
     def step(self, vg, state):
         x, g = state["x"], state["grad"]
