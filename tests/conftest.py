@@ -36,6 +36,17 @@ def write_image(path, shape, seed=0):
     return Path(path)
 
 
+def saved_from_keras_applications(ref, application, path):
+    """`ref`'s weights copied into keras.applications' own network (VGG19 or VGG16, no top)
+    by layer name and saved there: a weights file as a user would save one. Returns path."""
+    theirs = application(include_top=False, weights=None)
+    for layer in theirs.layers:
+        if layer.get_weights():
+            layer.set_weights(ref.get_layer(layer.name).get_weights())
+    theirs.save_weights(path)
+    return path
+
+
 def write_config(folder, name="tiny", **extra):
     """A small run's YAML (random weights, 32 px, 12 iterations) beside its two images;
     `extra` keys replace the defaults."""

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 import yaml
-from conftest import write_image
+from conftest import saved_from_keras_applications, write_image
 
 from pipeline import config, model, stylize
 from pipeline.config import ConfigError
@@ -36,12 +36,8 @@ def test_vgg16_matches_keras_applications_vgg16():
 def test_vgg16_weights_file_from_keras_applications_loads(tmp_path):
     ref = model.vgg("vgg16", "avg")
     model.load_weights(ref, "random", seed=8)
-    theirs = keras.applications.VGG16(include_top=False, weights=None)
-    for layer in theirs.layers:
-        if layer.get_weights():
-            layer.set_weights(ref.get_layer(layer.name).get_weights())
-    path = tmp_path / "vgg16.weights.h5"
-    theirs.save_weights(path)
+    path = saved_from_keras_applications(ref, keras.applications.VGG16,
+                                         tmp_path / "vgg16.weights.h5")
     loaded = model.vgg("vgg16", "avg")
     model.load_weights(loaded, str(path), seed=0)
     probe = np.random.default_rng(1).uniform(0, 255, (1, 16, 16, 3)).astype("float32")

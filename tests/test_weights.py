@@ -7,6 +7,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
+from conftest import saved_from_keras_applications
 
 from pipeline import config, model, weights
 
@@ -45,12 +46,8 @@ def test_legacy_h5_in_the_layout_keras_downloads(tmp_path):
 def test_keras3_weights_file_saved_from_keras_applications(tmp_path):
     """A user's own copy saved from keras.applications.VGG19 loads by the same layer names."""
     ref = _random_reference(seed=12)
-    theirs = keras.applications.VGG19(include_top=False, weights=None)
-    for layer in theirs.layers:
-        if layer.get_weights():
-            layer.set_weights(ref.get_layer(layer.name).get_weights())
-    path = tmp_path / "vgg19.weights.h5"
-    theirs.save_weights(path)
+    path = saved_from_keras_applications(ref, keras.applications.VGG19,
+                                         tmp_path / "vgg19.weights.h5")
     loaded = model.vgg19("avg")
     model.load_weights(loaded, str(path), seed=0)
     np.testing.assert_allclose(_probe(loaded), _probe(ref), rtol=1e-6)
