@@ -94,10 +94,9 @@ class LBFGS:
         written = ops.take(ops.arange(m) < pairs, age)
         sy = ops.take(ops.take(state["sy"], age, axis=0), age, axis=1)
         yy = ops.take(ops.take(state["yy"], age, axis=0), age, axis=1)
-        newest = (pairs - 1 + m) % m
-        gamma = ops.where(pairs > 0, ops.take(ops.diagonal(state["sy"]), newest)
-                          / ops.maximum(ops.take(ops.diagonal(state["yy"]), newest), 1e-30), 1.0)
-        diagonal = ops.diagonal(sy)
+        diagonal = ops.diagonal(sy)  # s_i.y_i, oldest first: the newest pair is last
+        gamma = ops.where(pairs > 0,
+                          diagonal[-1] / ops.maximum(ops.diagonal(yy)[-1], 1e-30), 1.0)
         r = ops.triu(sy) + ops.diag(ops.where(written, 0.0, 1.0))
         a = ops.take(_dots(s_all, g), age)  # S^T g
         b = gamma * ops.take(_dots(y_all, g), age)  # gamma Y^T g
