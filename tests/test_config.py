@@ -250,6 +250,35 @@ def test_infinite_and_nan_numbers_are_refused(exp, extra, key):
     assert f"{key}: expected a finite number" in message
 
 
+@pytest.mark.parametrize("extra, words", [
+    # scipy answers a negative factr with "ERROR: FACTR < 0" and no iteration at all.
+    ("optimizer:\n  ftol: -1\n", ["optimizer.ftol", "0 (off) or more", "-1"]),
+    ("optimizer:\n  gtol: -0.5\n", ["optimizer.gtol", "0 (off) or more", "-0.5"]),
+    # The device optimisers have no early stop: the value would change nothing but the id.
+    ("optimizer:\n  method: lbfgs\n  ftol: 1e-9\n", ["optimizer.ftol", "scipy only", "lbfgs"]),
+    ("optimizer:\n  method: adam\n  gtol: 1e-5\n", ["optimizer.gtol", "scipy only", "adam"]),
+    # A sweep that gives one run a method where the tolerance means nothing: that run's key.
+    ("optimizer:\n  ftol: 1e-9\nsweep:\n  optimizer.method: [scipy, adam]\n",
+     ["optimizer.ftol", "scipy only", "adam"]),
+], ids=["negative-ftol", "negative-gtol", "lbfgs-ftol", "adam-gtol", "swept-method"])
+def test_tolerances_a_run_would_not_honour_exit_2_naming_the_key(exp, capsys, extra, words):
+    from pipeline import cli
+
+    assert cli.main(["run", str(minimal(exp, extra + "output_dir: out\n"))]) == 2
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1 and message.startswith("error:")
+    for word in words:
+        assert word in message, message
+    assert not (exp / "out").exists()  # nothing started
+
+
+def test_scipy_takes_its_tolerances_and_no_method_is_refused_a_zero(exp):
+    scipy = config.load(minimal(exp, "optimizer:\n  ftol: 1e-9\n  gtol: 1e-5\n"))
+    assert (scipy.optimizer.ftol, scipy.optimizer.gtol) == (1e-9, 1e-5)
+    for method in ("lbfgs", "adam"):
+        config.load(minimal(exp, f"optimizer:\n  method: {method}\n  ftol: 0\n  gtol: 0.0\n"))
+
+
 def test_infinite_number_from_set_is_refused(exp):
     assert "loss.style_weight: expected a finite number" in load_error(
         minimal(exp), ["loss.style_weight=.inf"])

@@ -135,6 +135,14 @@ def _check(cfg: Config) -> None:
          f"must be one of {', '.join(PRECISIONS)}")
     need(cfg.optimizer.method in METHODS, "optimizer.method",
          f"must be one of {', '.join(METHODS)}")
+    for key in ("ftol", "gtol"):
+        value = getattr(cfg.optimizer, key)
+        need(value >= 0, f"optimizer.{key}", f"must be 0 (off) or more, got {value:g}")
+        # The device optimisers run every iteration asked for: a tolerance they ignored
+        # would still change the run id, and promise an early stop that never comes.
+        need(value == 0 or cfg.optimizer.method == "scipy", f"optimizer.{key}",
+             f"is an early stop of optimizer.method scipy only; {cfg.optimizer.method} runs "
+             f"every iteration asked for, so leave it at 0 (got {value:g})")
     need(
         len(cfg.background) == 3 and all(0 <= c <= 255 for c in cfg.background),
         "background",

@@ -127,9 +127,14 @@ def minimize(
             pgtol=gtol,
             callback=callback,
         )
-        # Branch on warnflag, never on scipy's message text.
-        reason = {0: CONVERGED, 1: COMPLETED}.get(info["warnflag"], ABNORMAL)
+        # Branch on warnflag, not on scipy's message text; but warnflag 2 covers both a
+        # stop that still has a best image (ABNORMAL: a failed line search) and an input
+        # scipy refuses (FACTR < 0, M <= 0), told apart only by the status word that starts
+        # `task`. A refused input ran nothing: that run has failed, not completed.
         message = str(info.get("task", ""))
+        if message.startswith("ERROR"):
+            raise ValueError(f"scipy's L-BFGS-B refused its input: {message}")
+        reason = {0: CONVERGED, 1: COMPLETED}.get(info["warnflag"], ABNORMAL)
     except _Halt as halt:
         reason, message = halt.reason, halt.message
     finally:
