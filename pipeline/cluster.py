@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline import batch, config, runs, workers
+from pipeline import batch, config, runs, scales, workers
 
 log = logging.getLogger("pipeline")
 
@@ -167,8 +167,9 @@ class RayExecutor:
             written.unlink(missing_ok=True)
         if problems:
             raise config.ConfigError(
-                f"output_dir {exp.parent} and the input images must be shared by every node "
-                f"of the Ray cluster (the same paths, e.g. one NFS mount): {'; '.join(problems)}")
+                f"output_dir {exp.parent} and the input files (images, masks, weights) must be "
+                f"shared by every node of the Ray cluster (the same paths, e.g. one NFS mount): "
+                f"{'; '.join(problems)}")
         no_flock = [a["host"] for a in answers if a["flock"] == "unsupported"]
         weak = [a["host"] for a in answers if a["flock"] == "not exclusive"]
         if no_flock:
@@ -269,7 +270,10 @@ def run_task(job: batch.Planned, flag, lock: bool) -> batch.Outcome | None:
     if not folder.path.parent.is_dir():  # a node that joined after the probe
         return batch.Outcome(job.run_id, "failed", folder, f"{folder.path.parent} is not "
                              f"visible on node {socket.gethostname()}: output_dir must be shared")
-    progress = Progress(job.run_id, job.cfg.optimizer.iterations, job.cfg.log_every, bar=False)
+    # Iterations are numbered across the stages of coarse to fine (scales.py): the total is
+    # theirs, as in the local executors' progress.
+    progress = Progress(job.run_id, scales.total_iterations(job.cfg), job.cfg.log_every,
+                        bar=False)
     return batch.run_one(job, progress, stopped.done, lock=lock)
 
 
@@ -311,8 +315,11 @@ def _fits(resources: dict, cpus: float, gpus: float) -> int:
 
 
 def _inputs(cfg: config.Config) -> list[str]:
-    """The files a run reads, which every node must see at the same path."""
-    paths = [cfg.content, *cfg.style]
+    """The files a run reads, which every node must see at the same path: the images, the
+    masks, an init image and a weights file."""
+    paths = [cfg.content, *cfg.style, *(m for m in cfg.style_masks or [] if m is not None)]
+    if cfg.content_mask is not None:
+        paths.append(cfg.content_mask)
     if cfg.init not in config.INIT_KINDS:
         paths.append(cfg.init)
     if cfg.model.weights not in config.WEIGHT_KINDS:

@@ -8,6 +8,7 @@ the command line is the driver where signals and exit codes are the point."""
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -220,6 +221,17 @@ def test_sigterm_to_the_driver_interrupts_its_runs_and_the_same_command_finishes
     assert "3 run(s), not running" in out and "3 completed" in out and "time left: none" in out
 
 
+def test_progress_lines_from_a_ray_task_count_every_stage(head, tmp_path):
+    """Coarse to fine numbers iterations across its stages (3 + 4 here): the lines a task
+    logs, which Ray forwards to the driver's stderr, say n/7, as the local executors do."""
+    path = write_sweep(tmp_path, "stages", size=32, scales=[24, 32], scale_iterations=[3, 4],
+                       log_every=3)
+    rc, stderr = ray_run(path, head)
+    assert rc == 0, stderr
+    counts = re.findall(r"iteration (\d+)/(\d+)", stderr)
+    assert counts == [("3", "7"), ("6", "7"), ("7", "7")], stderr
+
+
 def test_a_second_driver_of_the_same_experiment_is_refused_by_the_cluster(head, tmp_path):
     """The experiment's flock may not hold on a cluster's file system; the cluster's own
     named actor does, whichever machine the second driver runs on."""
@@ -235,13 +247,23 @@ def test_a_second_driver_of_the_same_experiment_is_refused_by_the_cluster(head, 
     second.close()
 
 
-def test_a_node_that_cannot_read_an_input_is_refused_before_anything_runs(head, tmp_path):
-    path = write_sweep(tmp_path, "unshared")
+@pytest.mark.parametrize("unread", ["style.png", "style_mask.png", "content_mask.png",
+                                    "init.png"])
+def test_a_node_that_cannot_read_an_input_is_refused_before_anything_runs(head, tmp_path,
+                                                                          unread):
+    """Every file a run reads, masks and an init image too: a node without one would fail
+    each run it takes, after the promise that the cluster was checked."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, seed in (("style_mask.png", 3), ("content_mask.png", 4), ("init.png", 5)):
+        write_image(images / name, (24, 24), seed=seed)
+    path = write_sweep(tmp_path, "unshared", style_masks=["images/style_mask.png"],
+                       content_mask="images/content_mask.png", init="images/init.png")
     jobs = batch.plan(config.load(path))
-    (tmp_path / "images" / "style.png").unlink()  # as on a node that does not mount it
+    (images / unread).unlink()  # as on a node that does not mount it
     executor = cluster.RayExecutor(head, None, 1)
     with pytest.raises(config.ConfigError, match="must be shared by every node.*cannot read "
-                       ".*style.png"):
+                       f".*{unread}"):
         executor.start(runs.experiment_dir(jobs[0].cfg), jobs)
     executor.close()
 
