@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from keras import ops
 
-from pipeline.config import style_weights
+from pipeline.config import normalised, style_weights
 from pipeline.model import preprocess
 
 
@@ -72,12 +72,6 @@ def total_variation(x):
     return ops.mean(ops.square(x[1:, :, :] - x[:-1, :, :])) + ops.mean(
         ops.square(x[:, 1:, :] - x[:, :-1, :])
     )
-
-
-def normalised(weights, count: int) -> list[float]:
-    """Layer or blend weights scaled to sum to 1 (equal when None)."""
-    w = np.ones(count) if weights is None else np.asarray(weights, dtype=np.float64)
-    return list(w / w.sum())
 
 
 class Objective:

@@ -38,6 +38,7 @@ from pipeline.config.schema import (
     get_dotted,
     history,
     layer_channels,
+    normalised,
     set_dotted,
     style_list,
     style_size,

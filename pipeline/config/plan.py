@@ -21,7 +21,9 @@ from pipeline.config.schema import (
     UNHASHED_KEYS,
     WEIGHT_KINDS,
     Config,
+    OptimizerConfig,
     history,
+    normalised,
     set_dotted,
     style_list,
     style_weights,
@@ -102,6 +104,7 @@ def config_hash(cfg: Config) -> str:
     # What a None means has changed once (equal, then 1/C_l^2): hash what it means now.
     data["model"]["style_layer_weights"] = style_weights(cfg.model)
     data["optimizer"]["history"] = history(cfg.optimizer)  # None: what it means for the method
+    _as_the_default_spelling(data, cfg)
     if cfg.init not in INIT_KINDS:
         data["init"] = _file_digest(cfg.init)
     if cfg.style_masks is not None:
@@ -112,6 +115,28 @@ def config_hash(cfg: Config) -> str:
         data["model"]["weights"] = _file_digest(cfg.model.weights)
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _as_the_default_spelling(data: dict, cfg: Config) -> None:
+    """Values that make the same pixels as the defaults are hashed as the defaults: one run,
+    one id, however it is spelled; and a config that leaves them unset keeps its id."""
+    sizes = cfg.scales or [cfg.size]
+    budgets = cfg.scale_iterations or [cfg.optimizer.iterations] * len(sizes)
+    if len(sizes) == 1:  # `scales: [size]` is the one stage that `[]` means
+        data["scales"] = []
+    if len(set(budgets)) == 1:  # one budget for every stage: what optimizer.iterations says
+        data["scale_iterations"] = None
+        data["optimizer"]["iterations"] = budgets[0]
+    else:  # a budget per stage: optimizer.iterations counts for nothing
+        data["optimizer"]["iterations"] = OptimizerConfig().iterations
+    for key, weights, count in (("style_blend", cfg.style_blend, len(style_list(cfg.style))),
+                                ("content_layer_weights", cfg.model.content_layer_weights,
+                                 len(cfg.model.content_layers))):
+        # Equal weights, as the objective normalises them (exactly: [1, 1], not [0.1] * 3).
+        if weights is not None and normalised(weights, count) == normalised(None, count):
+            (data if key == "style_blend" else data["model"])[key] = None
+    if cfg.optimizer.method == "adam":  # adam keeps no curvature pairs: history is unused
+        data["optimizer"]["history"] = history(OptimizerConfig(method="adam"))
 
 
 def slug(text: str) -> str:

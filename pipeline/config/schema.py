@@ -160,6 +160,15 @@ def style_weights(model: ModelConfig) -> list[float]:
     return [1 / layer_channels(layer) ** 2 for layer in model.style_layers]
 
 
+def normalised(weights: list[float] | None, count: int) -> list[float]:
+    """Layer or blend weights scaled to sum to 1 (equal when None), as the objective uses
+    them; the run id hashes weights that normalise to equal ones as None."""
+    import numpy as np  # here, not above: the schema stays light for every room
+
+    w = np.ones(count) if weights is None else np.asarray(weights, dtype=np.float64)
+    return list(w / w.sum())
+
+
 def style_size(cfg: Config, size: int | None = None) -> int:
     """The style images' long side for an image of long side `size` (default cfg.size):
     ceil, as neural-style's -style_scale computes it."""
