@@ -268,10 +268,13 @@ def test_low_precision_network_gives_the_float32_loss_within_2_percent(small_con
 
 
 def test_method_and_precision_are_validated_swept_and_hashed(tmp_path):
-    path = write_config(tmp_path, sweep={"optimizer.method": ["scipy", "lbfgs", "adam"]})
+    path = write_config(tmp_path, sweep={"optimizer.method": ["scipy", "lbfgs", "adam"],
+                                         "model.precision": ["float32", "bfloat16"]})
     jobs = batch.plan(config.load(path))
-    assert [j.cfg.optimizer.method for j in jobs] == ["scipy", "lbfgs", "adam"]
-    assert len({j.run_id for j in jobs}) == 3
+    assert [(j.cfg.optimizer.method, j.cfg.model.precision) for j in jobs] == [
+        (m, p) for p in ("float32", "bfloat16") for m in ("scipy", "lbfgs", "adam")]
+    # The hash, not the id: an id holds the swept values whether or not the hash does.
+    assert len({config.config_hash(j.cfg) for j in jobs}) == 6
     for key, value in (("optimizer.method", "sgd"), ("model.precision", "int8")):
         with pytest.raises(config.ConfigError, match=key.replace(".", r"\.")):
             config.load(path, [f"{key}={value}", "sweep={}"])

@@ -52,7 +52,8 @@ def test_scales_are_part_of_the_run_id_and_sweepable(tmp_path):
     path = write_config(tmp_path, size=32, sweep={"scales": [[32], [16, 32]]})
     jobs = batch.plan(config.load(path))
     assert [j.cfg.scales for j in jobs] == [[32], [16, 32]]
-    assert jobs[0].run_id != jobs[1].run_id
+    # The hash, not the id: an id holds the swept values whether or not the hash does.
+    assert config.config_hash(jobs[0].cfg) != config.config_hash(jobs[1].cfg)
 
 
 def _rows(folder):
