@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
+from pipeline.config import long_side_shape
+
 MAX_PIXELS = 100_000_000
 
 # Modes that hold more than 8 bits per sample; Pillow's convert("RGB") would clip
@@ -101,13 +103,7 @@ def resize_long_side(img: np.ndarray, size: int) -> np.ndarray:
     """Scale `img` (H, W, C) so that its longer side is `size` pixels (Lanczos)."""
     if size < 1:
         raise ValueError(f"size must be at least 1, not {size}")
-    h, w = img.shape[:2]
-    if max(h, w) == size:
-        return img
-    scale = size / max(h, w)
-    if w >= h:
-        return resize_to(img, (max(1, round(h * scale)), size))
-    return resize_to(img, (size, max(1, round(w * scale))))
+    return resize_to(img, long_side_shape(*img.shape[:2], size))
 
 
 def resize_to(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -92,15 +92,15 @@ def grid(tmp_path_factory):
 
 
 def test_dry_run_lists_the_runs_and_runs_nothing(tmp_path):
-    path = write_sweep(tmp_path, "dry", sweep={"size": [16, 24], "loss.tv_weight": [0, 1, 2]})
+    path = write_sweep(tmp_path, "dry", sweep={"size": [24, 32], "loss.tv_weight": [0, 1, 2]})
     proc = run_cli("run", path, "--dry-run")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) == 6
     # Sorted keys (loss.tv_weight before size), the last key changing fastest.
     assert [line.split()[1:] for line in lines[:3]] == [
-        ["loss.tv_weight=0", "size=16"], ["loss.tv_weight=0", "size=24"],
-        ["loss.tv_weight=1", "size=16"]]
+        ["loss.tv_weight=0", "size=24"], ["loss.tv_weight=0", "size=32"],
+        ["loss.tv_weight=1", "size=24"]]
     assert len({line.split()[0] for line in lines}) == 6
     assert "6 run(s)" in proc.stderr
     assert not (tmp_path / "out").exists()

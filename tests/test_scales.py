@@ -3,11 +3,12 @@ two-stage runs (in process: the real VGG19 with random weights and scipy), inter
 resumed at the stage and iteration where they stopped."""
 
 import json
+from pathlib import Path
 
 import pytest
-from conftest import write_config
+from conftest import write_config, write_image
 
-from pipeline import batch, config, scales
+from pipeline import batch, cli, config, scales, stylize
 from pipeline.images import load_image, read_png_text, save_png
 
 
@@ -46,6 +47,69 @@ def test_bad_scales_are_refused_naming_the_key(tmp_path, extra, key):
     path = write_config(tmp_path, size=32, **extra)
     with pytest.raises(config.ConfigError, match=key):
         config.load(path)
+
+
+@pytest.mark.parametrize("extra, words", [
+    # The content is 48 x 40: at 17 px, 17 x round(40 * 17 / 48 = 14.17); block 5 needs 16
+    # rows, which round(40 * s / 48) first reaches at s = 19 (18 gives 15.0).
+    ({"scales": [17, 32]}, ["scales: at 17 px", "content.png, 48x40", "is 17x14 px",
+                            "block 5", "at least 16 px", "smallest first stage that fits is 19"]),
+    ({"scales": [18, 32]}, ["scales: at 18 px", "is 18x15 px", "first stage that fits is 19"]),
+    ({"size": 16}, ["size: at 16 px", "is 16x13 px", "the smallest size that fits is 19"]),
+    # The style is 64 x 32: at style_scale 0.5 and 32 px, 16 x 8. 16 rows need a long side
+    # of 31 (round(15.5) is 16, half to even; 30 gives 15): ceil(32 x) >= 31 for x above
+    # 30 / 32 = 0.9375, so 0.94; or a stage s with ceil(0.5 s) >= 31, s = 61.
+    ({"style_scale": 0.5, "size": 64, "scales": [32, 64]},
+     ["style_scale: at 32 px (style_scale 0.5)", "style.png, 64x32", "is 16x8 px",
+      "style_scale 0.94 fits (or a first stage of 61)"]),
+])
+def test_stages_too_small_for_the_deepest_layer_exit_2_at_plan_time(tmp_path, capsys, extra,
+                                                                     words):
+    """Found from the image headers before anything starts, where every run would fail."""
+    path = write_config(tmp_path, **{"size": 32, **extra})
+    write_image(tmp_path / "images" / "style.png", (32, 64), seed=2)  # 64 wide, 32 high
+    assert cli.main(["validate", str(path)]) == 2
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1
+    for word in words:
+        assert word in message, message
+    if "scales" in extra and extra["scales"][0] in (17, 18):  # the value it names will do
+        fixed = write_config(tmp_path, size=32, scales=[19, 32])
+        assert len(batch.plan(config.load(fixed))) == 1
+
+
+def test_the_plan_check_agrees_with_the_run_time_check(tmp_path):
+    """For stages around the limit, the plan refuses exactly what stylize.check_fits (on
+    pixels really resized) would refuse once the run had started: content and style."""
+    write_image(tmp_path / "c.png", (40, 48), seed=1)
+    write_image(tmp_path / "s.png", (21, 60), seed=2)
+    content, styles = load_image(tmp_path / "c.png"), [load_image(tmp_path / "s.png")]
+    for style_scale in (1.0, 1.7):
+        for first in range(16, 30):
+            cfg = config.Config(content=str(tmp_path / "c.png"), style=[str(tmp_path / "s.png")],
+                                size=first, style_scale=style_scale)
+            try:
+                stylize.check_fits(cfg, *stylize.prepare(cfg, content, styles, first))
+                fits = True
+            except ValueError:
+                fits = False
+            try:
+                config.check_stage_sizes(cfg)
+                planned = True
+            except config.ConfigError:
+                planned = False
+            assert planned == fits, (first, style_scale)
+
+
+def test_an_unreadable_image_is_left_to_fail_its_own_run(tmp_path):
+    """The plan reads headers to check stage sizes; a file it cannot read is not refused
+    there (its run fails by itself, naming it), and the other runs go on."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    write_image(photos / "a.png", (40, 48), seed=1)
+    (photos / "b.png").write_text("not an image")
+    path = write_config(tmp_path, content="photos/*.png", scales=[19, 32])
+    assert [Path(j.cfg.content).name for j in batch.plan(config.load(path))] == ["a.png", "b.png"]
 
 
 def test_scales_are_part_of_the_run_id_and_sweepable(tmp_path):

@@ -9,7 +9,7 @@
 `from pipeline import config` gives the names other rooms use.
 """
 
-from pipeline.config.checks import from_dict
+from pipeline.config.checks import check_stage_sizes, from_dict
 from pipeline.config.files import apply_override, load, load_raw, parse_yaml
 from pipeline.config.paths import expand_glob, expand_path, is_glob
 from pipeline.config.plan import config_hash, expand, run_id, slug, to_dict, to_yaml
@@ -34,10 +34,12 @@ from pipeline.config.schema import (
     ModelConfig,
     OptimizerConfig,
     conv_layers,
+    deepest_block,
     dotted_keys,
     get_dotted,
     history,
     layer_channels,
+    long_side_shape,
     normalised,
     set_dotted,
     style_list,

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import math
 import os
 import types
 import typing
+import warnings
 
 from pipeline.config.paths import expand_glob, is_glob
 from pipeline.config.schema import (
@@ -24,7 +26,9 @@ from pipeline.config.schema import (
     Config,
     ConfigError,
     conv_layers,
+    deepest_block,
     dotted_keys,
+    long_side_shape,
     style_list,
     style_size,
     unknown_key,
@@ -244,3 +248,65 @@ def _check_image_file(path: str, key: str) -> None:
             pass
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         raise ConfigError(f"{key}: not a readable image: {path} ({type(e).__name__})") from None
+
+
+def check_stage_sizes(cfg: Config) -> None:
+    """At the smallest stage, the content and each style image must keep the short side the
+    deepest layer needs (stylize.check_fits), or every run of the config would fail as it
+    starts. One run's config, globs expanded; only the image headers are read. A file that
+    cannot be read is not this check's business: its run fails by itself, naming it."""
+    block = deepest_block(cfg.model)
+    need = 2 ** (block - 1)
+    first = min(cfg.scales or [cfg.size])
+    key, what = ("scales", "first stage") if cfg.scales else ("size", "size")
+    why = f"layers of block {block} need a short side of at least {need} px"
+    for index, path in enumerate([cfg.content, *style_list(cfg.style)]):
+        dims = _header_size(path)
+        is_content = index == 0
+        long_side = first if is_content else style_size(cfg, first)
+        if dims is None or min(long_side_shape(*dims, long_side)) >= need:
+            continue
+        h, w = long_side_shape(*dims, long_side)
+        seen = (f"at {first} px{'' if is_content else f' (style_scale {cfg.style_scale:g})'} "
+                f"the {'content' if is_content else 'style'} image ({os.path.basename(path)}, "
+                f"{dims[1]}x{dims[0]}) is {w}x{h} px, and {why}")
+        least = _least_long_side(dims, need)
+        if least is None:
+            raise ConfigError(f"{key if is_content else 'style_scale'}: {seen}: it is too "
+                              f"narrow for them at any size up to {MAX_SIZE}")
+        if is_content:
+            raise ConfigError(f"{key}: {seen}: the smallest {what} that fits is {least}")
+        # The smallest style_scale, to the hundredth, whose style_size reaches `least`.
+        scale = next(k / 100 for k in itertools.count(1) if math.ceil(k / 100 * first) >= least)
+        stage = next((s for s in range(first, MAX_SIZE + 1) if style_size(cfg, s) >= least), 0)
+        raise ConfigError(f"style_scale: {seen}: style_scale {scale:g} fits"
+                          + (f" (or a {what} of {stage})" if stage else ""))
+
+
+def _least_long_side(dims: tuple[int, int], need: int) -> int | None:
+    """The smallest long side (up to MAX_SIZE) at which an image of these dims keeps a short
+    side of `need` pixels, rounded as images.resize_long_side rounds it."""
+    return next((s for s in range(need, MAX_SIZE + 1)
+                 if min(long_side_shape(*dims, s)) >= need), None)
+
+
+_HEADERS: dict[tuple, tuple[int, int] | None] = {}  # (real path, size, mtime) -> (h, w)
+
+
+def _header_size(path: str) -> tuple[int, int] | None:
+    """(height, width) from an image file's header, once per process and version of the file;
+    None where it cannot be read. EXIF rotation swaps the sides, which changes neither the
+    short one nor the long one."""
+    from PIL import Image
+
+    try:
+        stat = os.stat(path)
+        key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+        if key not in _HEADERS:
+            with warnings.catch_warnings():  # a huge image: its run says so, if it must
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    _HEADERS[key] = (img.height, img.width)
+        return _HEADERS[key]
+    except Exception:  # noqa: BLE001 - any unreadable file: its run reports it
+        return None

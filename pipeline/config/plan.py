@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config.checks import from_dict
+from pipeline.config.checks import check_stage_sizes, from_dict
 from pipeline.config.paths import expand_glob
 from pipeline.config.schema import (
     INIT_KINDS,
@@ -59,6 +59,7 @@ def expand(cfg: Config) -> list[tuple[dict, Config]]:
             if len(style_sets) > 1:
                 label["style"] = Path(style[0]).stem
             run = from_dict(one)
+            check_stage_sizes(run)
             # Each run records the memory it uses, not "by method".
             run.optimizer.history = history(run.optimizer)
             runs.append((label, run))

@@ -160,6 +160,23 @@ def style_weights(model: ModelConfig) -> list[float]:
     return [1 / layer_channels(layer) ** 2 for layer in model.style_layers]
 
 
+def long_side_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) of an image scaled so that its longer side is `size`: the shape that
+    images.resize_long_side makes, which the plan also needs from image headers alone."""
+    if max(height, width) == size:
+        return height, width
+    scale = size / max(height, width)
+    if width >= height:
+        return max(1, round(height * scale)), size
+    return size, max(1, round(width * scale))
+
+
+def deepest_block(model: ModelConfig) -> int:
+    """The deepest block of the layers asked for: it sees an image halved b - 1 times, so the
+    image's short side must be at least 2 ** (b - 1) pixels."""
+    return max(int(name[len("block")]) for name in (*model.content_layers, *model.style_layers))
+
+
 def normalised(weights: list[float] | None, count: int) -> list[float]:
     """Layer or blend weights scaled to sum to 1 (equal when None), as the objective uses
     them; the run id hashes weights that normalise to equal ones as None."""
