@@ -147,19 +147,36 @@ def test_frames_of_different_sizes(tmp_path):
     assert "12x16" in message and "16x12" in message
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "corrupt", "truncated jpeg"])
 def test_glob_with_one_broken_frame(tmp_path, damage):
-    for n in range(4):
-        Image.fromarray(np.random.default_rng(n).integers(0, 256, (12, 16, 3), np.uint8)).save(
-            tmp_path / f"{n:03d}.png")
-    broken = tmp_path / "002.png"
+    ext = "jpg" if "jpeg" in damage else "png"
+    for n in range(4):  # noise: most of a file is pixel data, past the headers
+        Image.fromarray(np.random.default_rng(n).integers(0, 256, (48, 64, 3), np.uint8)).save(
+            tmp_path / f"{n:03d}.{ext}")
+    broken = tmp_path / f"002.{ext}"
+    data = bytearray(broken.read_bytes())
     if damage == "garbage":
-        broken.write_bytes(b"\x00 not an image at all")
+        data = b"\x00 not an image at all"
+    elif damage == "corrupt":  # complete, but a byte of the pixel data flipped
+        data[data.index(b"IDAT") + 20] ^= 0xFF
     else:
-        broken.write_bytes(broken.read_bytes()[:-30])
+        data = data[: len(data) * 3 // 4]
+    broken.write_bytes(bytes(data))
     with pytest.raises(ClipError) as e:
-        frames.probe(str(tmp_path / "*.png"))
+        frames.probe(str(tmp_path / f"*.{ext}"))
     assert "not a readable image" in _one_line_naming(e, broken)
+
+
+def test_frame_turned_by_exif_counts_with_its_turned_size(tmp_path):
+    """load_image applies EXIF orientation: a frame stored 12x16 and turned a quarter (6) is
+    16x12 like the others, so the clip is fine; the check reads it from the header."""
+    Image.new("RGB", (16, 12)).save(tmp_path / "0.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (12, 16)).save(tmp_path / "1.jpg", exif=exif)
+    info = frames.probe(str(tmp_path / "*.jpg"))
+    assert info.shape == (12, 16)
+    assert [f.shape for _, f in frames.read_frames(info)] == [(12, 16, 3)] * 2
 
 
 def test_ffmpeg_missing(tmp_path, monkeypatch):

@@ -143,19 +143,34 @@ def _probe_frames(source: str) -> ClipInfo:
 
 def _header_shape(path: str) -> tuple[int, int]:
     """(height, width) as load_image will give it (EXIF orientation applied), from the header;
-    the file's data is verified (checksums, completeness) without decoding pixels."""
+    the file's data is checked (PNG checksums and completeness; a JPEG decoded at 1/8 scale)
+    without decoding it whole."""
     try:
         with warnings.catch_warnings():  # size limits are load_image's to enforce
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 w, h = img.size
-                if img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+                if _orientation(img) in (5, 6, 7, 8):
                     w, h = h, w
+                if img.format == "JPEG":  # verify() reads no JPEG data; DCT scaling is cheap
+                    img.draft("RGB", (max(1, img.size[0] // 8), max(1, img.size[1] // 8)))
+                    img.load()
+                    return h, w
             with Image.open(path) as img:  # verify() must come first after opening
                 img.verify()
     except (*images._DECODE_ERRORS, Image.DecompressionBombError) as exc:
         raise _error(path, f"not a readable image ({images._reason(exc)})") from None
     return h, w
+
+
+def _orientation(img) -> int:
+    if img.format == "PNG":  # its getexif() decodes the pixels, to look for eXIf after them
+        exif = Image.Exif()
+        if "exif" in img.info:
+            exif.load(img.info["exif"])
+    else:
+        exif = img.getexif()
+    return exif.get(_EXIF_ORIENTATION, 1)
 
 
 def _frame_file(info: ClipInfo, path: str) -> np.ndarray:
