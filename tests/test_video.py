@@ -241,9 +241,11 @@ def test_backward_flow_warps_the_previous_frame_onto_the_current():
     assert np.abs(previous - current)[8:-8, 8:-8].mean() > 10  # the test can tell
 
 
-def test_unknown_flow_method():
+def test_unknown_flow_method_and_frames_too_small_are_value_errors():
     with pytest.raises(ValueError, match="deepflow"):
         flow.optical_flow(np.zeros((8, 8, 3)), np.zeros((8, 8, 3)), "deepflow")
+    with pytest.raises(ValueError, match="8x8 frames"):  # not OpenCV's own exception
+        flow.optical_flow(np.zeros((8, 8, 3)), np.zeros((8, 8, 3)), "dis")
 
 
 # --------------------------------------------------------------------------- warping

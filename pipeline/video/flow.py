@@ -33,13 +33,17 @@ def optical_flow(a: np.ndarray, b: np.ndarray, method: str = "dis") -> np.ndarra
     a, b = (f if f.ndim == 2 and f.dtype == np.uint8 else grey(f) for f in (a, b))
     if a.shape != b.shape:
         raise ValueError(f"frames of different shapes: {a.shape} and {b.shape}")
-    if method == "dis":
-        dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
-        flow = dis.calc(a, b, None)
-    elif method == "farneback":
-        flow = cv2.calcOpticalFlowFarneback(a, b, None, **_FARNEBACK)
-    else:
+    if method not in METHODS:
         raise ValueError(f"no optical flow method '{method}': use one of {', '.join(METHODS)}")
+    try:
+        if method == "dis":
+            dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+            flow = dis.calc(a, b, None)
+        else:
+            flow = cv2.calcOpticalFlowFarneback(a, b, None, **_FARNEBACK)
+    except cv2.error as exc:  # e.g. DIS on frames smaller than its 8 px patches
+        raise ValueError(f"optical flow ({method}) failed on {a.shape[1]}x{a.shape[0]} frames: "
+                         f"{str(exc).strip().splitlines()[-1]}") from None
     return np.asarray(flow, dtype=np.float32)
 
 

@@ -1,5 +1,9 @@
-"""A clip: a video file (read through imageio's ffmpeg plugin) or a frame sequence (a glob of
-image files in natural order), checked cheaply and read into RGB float32 frames in 0..255.
+"""A clip: a video file (decoded by ffmpeg through imageio-ffmpeg) or a frame sequence (a glob
+of image files in natural order), checked cheaply and read into RGB float32 frames in 0..255.
+
+imageio-ffmpeg is the library under imageio's ffmpeg plugin; the plugin itself is not used:
+it refuses some extensions (.gif) and cannot be told to keep a variable-rate clip's frames as
+they are (see _DECODE).
 
 probe() is the check a plan makes before anything starts: for a video, ffmpeg decodes the
 stream without handing any pixels over (so the frame count is exact, and a file cut short is
