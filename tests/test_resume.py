@@ -32,13 +32,38 @@ def stop_after(count: int):
     return steps.append, lambda: len(steps) >= count
 
 
+class LastState:
+    """A progress watcher that keeps a copy of the state.npz saved at `iteration`."""
+
+    def __init__(self, folder: runs.RunFolder, iteration: int):
+        self.folder, self.iteration, self.saved = folder, iteration, None
+
+    def __call__(self, step):
+        if step.iteration == self.iteration:
+            self.saved = self.folder.state.read_bytes()
+
+    def close(self):
+        pass
+
+
 def test_a_resume_with_nothing_left_finishes_without_another_iteration(tmp_path):
-    """A SIGKILL after the checkpoint on the last iteration, before the result was saved."""
+    """A SIGKILL after the checkpoint on the last iteration, before the result was saved.
+    The folder as the kill left it is made from a completed run (which removes its state)
+    and the state.npz it wrote at that checkpoint, with a time in it that only a resume can
+    report: a restart would be as deterministic as the resume, and end with the same image."""
     (job,) = plan(tmp_path, "last")
-    first = batch.run_batch([job])[0]  # no stop event given: the default must work
+    folder = batch.folder_of(job)
+    watcher = LastState(folder, 6)
+    first = batch.run_batch([job], progress=lambda job: watcher)[0]  # no stop event given
     assert first.status == "completed"
-    folder = first.folder
-    before = folder.read_metrics()
+    assert not folder.state.exists()  # a finished run needs no state to resume from
+    before, trace, best = folder.read_metrics(), folder.read_trace(), load_image(folder.result)
+    folder.state.write_bytes(watcher.saved)
+    state = folder.load_state()
+    done = (int(state["iteration"]), int(state["evaluations"]), 1000.5)
+    extra = {k: v for k, v in state.items()
+             if k not in ("image", "iteration", "evaluations", "seconds")}
+    folder.save_checkpoint(state["image"], done, {}, extra)
     folder.write_metrics({**before, "status": "running"})  # as the kill left it
     folder.result.unlink()
 
@@ -46,9 +71,11 @@ def test_a_resume_with_nothing_left_finishes_without_another_iteration(tmp_path)
     assert again.status == "completed"
     after = folder.read_metrics()
     assert (after["iterations"], after["evaluations"]) == (6, before["evaluations"])
-    assert iterations_in(folder) == [1, 2, 3, 4, 5, 6]
-    np.testing.assert_array_equal(load_image(folder.result),
-                                  load_image(folder.checkpoints / "iter_000006.png"))
+    assert (after["seconds"], after["resumed_from"]) == (1000.5, 6)
+    assert folder.read_trace() == trace  # not one row written again
+    # The result is the best image of the run, as the uninterrupted run's was.
+    np.testing.assert_array_equal(load_image(folder.result), best)
+    assert after["loss"] == before["loss"] and after["initial_loss"] == before["initial_loss"]
 
 
 def test_a_resume_stopped_before_any_new_iteration_keeps_the_best_image(tmp_path):
