@@ -99,9 +99,10 @@ class RunFolder:
         memory), written after the PNG, so the state never points past a missing image."""
         iteration, evaluations, seconds = done
         images.save_png(self.checkpoints / f"{label}iter_{iteration:06d}.png", image, text)
-        # Streamed into the file, one array at a time (np.savez converts each on its turn,
+        # Streamed into the file, one array at a time (np.savez converts each on its turn
         # and writes it in chunks): an optimiser's memory can be most of a run's, and a copy
-        # of it all in memory (BytesIO, then its bytes) tripled it at every checkpoint.
+        # of it all in memory first (a BytesIO, then its bytes) raised the peak by twice its
+        # size (1284 MB for lbfgs's 630 MB at 512 px, history 100; 17 MB streamed).
         with images.atomic_open(self.state) as f:
             np.savez(f, **(extra or {}), image=image.astype(np.float32), iteration=iteration,
                      evaluations=evaluations, seconds=seconds)

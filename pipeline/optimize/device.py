@@ -151,8 +151,8 @@ def minimize(
             # After a non-finite step, x is that step's: no Step of this call may carry it.
             last = j == count - 1 and finite
             if on_step is not None:
-                # x is the image. The rest stays on the device until a checkpoint writes it,
-                # one array at a time (runs.RunFolder.save_checkpoint).
+                # x is the image. The rest stays the backend's until a checkpoint writes it,
+                # converting one array at a time: lbfgs's pairs can be most of a run's memory.
                 saved = {k: v for k, v in state.items() if k != "x"}
                 on_step(Step(
                     iteration=iteration,
