@@ -114,5 +114,5 @@ def test_a_run_stopped_between_stages_resumes_as_if_never_stopped(runs, method):
     # metrics.json, and the resumed part's first evaluation is another image's.
     problems += [f"{key} differs" for key in ("loss", "evaluations", "iterations", "initial_loss")
                  if metrics["parts"][key] != metrics["whole"][key]]
-    assert problems == []
+    assert not problems, "; ".join(problems)
     assert not b.state.exists() and not a.state.exists()  # finished runs keep no state
