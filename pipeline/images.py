@@ -138,8 +138,9 @@ def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _atomic_open(path):
-    """Yield a binary file that replaces `path` only once everything was written.
+def atomic_open(path):
+    """Yield a binary file that replaces `path` only once everything was written (for a
+    writer that streams; atomic_write for data already in memory).
 
     The data goes to a temporary file in the same folder (os.replace is atomic
     only within one file system), is flushed to disk, then renamed over `path`.
@@ -165,7 +166,7 @@ def atomic_write(path, data: bytes | str) -> None:
     """Write bytes (or str, as UTF-8) to `path` so that it is never half-written."""
     if isinstance(data, str):
         data = data.encode("utf-8")
-    with _atomic_open(path) as f:
+    with atomic_open(path) as f:
         f.write(data)
 
 
@@ -175,7 +176,7 @@ def save_png(path, img: np.ndarray, text: dict[str, str] | None = None) -> None:
     info = PngInfo()
     for key, value in (text or {}).items():
         info.add_text(key, value)  # falls back to iTXt for non-Latin-1 text
-    with _atomic_open(path) as f:
+    with atomic_open(path) as f:
         Image.fromarray(pixels).save(f, format="PNG", pnginfo=info)
 
 

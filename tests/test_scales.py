@@ -2,14 +2,17 @@
 two-stage runs (in process: the real VGG19 with random weights and scipy), interrupted and
 resumed at the stage and iteration where they stopped."""
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 from conftest import write_config, write_image
+from keras import ops
 
-from pipeline import batch, cli, config, scales, stylize
+from pipeline import batch, cli, config, images, model, scales, stylize
 from pipeline.images import load_image, read_png_text, save_png
+from pipeline.losses import Objective
 
 
 def _cfg(**extra):
@@ -185,3 +188,30 @@ def test_two_stage_trace_checkpoints_and_result(two_stage):
     stages = parts[-1]["metrics"]["stages"]
     assert stages == [{"stage": 1, "size": 24, "iterations": [1, 4]},
                       {"stage": 2, "size": 48, "iterations": [5, 7]}]
+
+
+def test_an_uninterrupted_two_stage_run_counts_and_starts_as_planned(tmp_path):
+    """In process, through stylize (scipy): the run's initial loss is that of stage 1's start
+    image under stage 1's own objective (content and style at 24 px), computed here from the
+    parts; and a stage that converges early leaves its numbers unused."""
+    content = load_image(write_image(tmp_path / "c.png", (40, 48), seed=1))
+    style = load_image(write_image(tmp_path / "s.png", (32, 32), seed=2))
+    cfg = config.Config(content="c.png", style=["s.png"], size=40, scales=[24, 40],
+                        scale_iterations=[5, 2])
+    cfg.model = dataclasses.replace(cfg.model, weights="random", content_layers=["block1_conv2"],
+                                    style_layers=["block1_conv1"])
+    # scipy stops as soon as an iteration lowers the loss by less than 90%: after one or two.
+    cfg.optimizer = dataclasses.replace(cfg.optimizer, ftol=0.9)
+    steps = []
+    result, _ = stylize.stylize(cfg, content, [style], on_step=steps.append)
+    first_stage = [s.iteration for s in steps if s.stage == 1]
+    assert first_stage and first_stage[-1] < 5  # converged early
+    assert [s.iteration for s in steps if s.stage == 2][0] == 6  # numbered after its budget
+
+    content_24, style_24 = (images.resize_long_side(img, 24) for img in (content, style))
+    assert content_24.shape == (20, 24, 3) and style_24.shape == (24, 24, 3)
+    extractor, names, _ = model.feature_extractor(cfg.model, cfg.seed)
+    total, _ = Objective(extractor, names, cfg, content_24, [style_24])(
+        ops.convert_to_tensor(content_24))
+    assert result.initial["total"] == pytest.approx(float(total), rel=1e-5)
+    assert all(s.initial == result.initial for s in steps)  # the run's, on every record
