@@ -57,9 +57,10 @@ CPU_SIZES, GPU_SIZES = (128, 256), (256, 512)
 CPU_ITERATIONS, GPU_ITERATIONS = 3, 12
 STYLE_FACTOR = 4  # the style run's style is this many times the smaller size, on its long side
 # lbfgs's history at the two runs of the larger size. Its cost per correction is not constant:
-# at 256 px on TensorFlow (CPU) 10 -> 50 added 12-30 bytes per pixel and correction (hidden
-# under the network's own peak), 50 -> 200 about 110. The line through 10 and 200 overcounts
-# histories in between by up to ~10% rather than undercounting longer ones.
+# at 256 px on TensorFlow (CPU, VmHWM) 10 -> 50 added 12-30 bytes per pixel and correction
+# (hidden under the network's own peak), 50 -> 200 about 115. The line through 10 and 200
+# overcounts the histories between them (there, of the whole peak: +8% at 30, +14% at 50, +7%
+# at 100) rather than undercount longer ones (through 10 and 100: -11% at 200).
 CALIBRATION_HISTORY, LONG_HISTORY = 10, 200
 CALIBRATION_FORMAT = 2  # in the cache key: a calibration of an older form is measured again
 ENV_CACHE = "PIPELINE_CACHE_DIR"
@@ -104,8 +105,9 @@ def _gpus() -> list[dict]:
     """The NVIDIA GPUs this process may use (name, memory in bytes); [] without one. The
     driver is asked once per process (hardware.nvidia_gpus)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    named = None if visible is None else {v.strip() for v in visible.split(",")}
     return [g for g in hardware.nvidia_gpus()
-            if visible is None or g["index"] in visible.split(",")]
+            if named is None or g["index"] in named or g["uuid"] in named]
 
 
 def calibration_sizes(gpu: bool) -> tuple[int, int]:

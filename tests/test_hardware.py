@@ -124,10 +124,14 @@ def test_choose_workers(cores, free, gpus, runs, memory, on_device, expected):
 
 
 def auto_choice(stderr, cores):
-    """(count, free cores, memory cap or None) from the `--workers auto` log line."""
+    """(count, free cores, memory cap or None) from the `--workers auto` log line; a memory
+    cap is checked against the free memory it names (2.5 GiB per worker)."""
     found = re.search(rf"--workers auto: (\d+) \((\d+) free core\(s\) of {cores}\b.*", stderr)
     assert found, stderr
     capped = re.search(r"capped at (\d+) by ([\d.]+) GiB of free memory", found[0])
+    if capped:  # the GiB are rounded to 0.1: either side of it
+        gib = float(capped[2])
+        assert int(capped[1]) in {max(1, int((gib + d) // 2.5)) for d in (-0.05, 0.05)}
     return int(found[1]), int(found[2]), int(capped[1]) if capped else None
 
 
