@@ -2,8 +2,8 @@
 its folder. A completed run is skipped, an interrupted one resumes from its last checkpoint,
 a failed one starts again; one run's failure is recorded and never ends the others.
 
-TensorFlow is imported only when a run starts (in run_one), so that planning, the parent of
-a worker pool, `status` and `report` stay light.
+TensorFlow is imported only when a run starts (in run_one, through framework.load), so that
+planning, the parent of a worker pool, `status` and `report` stay light.
 """
 
 from __future__ import annotations
@@ -129,6 +129,9 @@ def run_one(
 
 
 def _run_locked(job, folder, on_step, should_stop) -> Outcome:
+    from pipeline import framework
+
+    framework.load()  # TensorFlow's start-up lines filtered, in whichever process runs this
     from pipeline.stylize import stylize
 
     cfg = job.cfg

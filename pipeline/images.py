@@ -99,6 +99,21 @@ def load_image(path, background=(255, 255, 255), max_pixels=MAX_PIXELS) -> np.nd
     return np.asarray(img.convert("RGB"), dtype=np.float32)
 
 
+def read_size(path) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding its pixels; ImageError
+    naming the file when it is not an image Pillow can open (a truncated one passes: its
+    header is whole)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return img.size
+    except Image.DecompressionBombError as exc:
+        raise _error(path, f"image too large ({exc})") from None
+    except _DECODE_ERRORS as exc:
+        raise _error(path, f"not a readable image ({_reason(exc)})") from None
+
+
 def resize_long_side(img: np.ndarray, size: int) -> np.ndarray:
     """Scale `img` (H, W, C) so that its longer side is `size` pixels (Lanczos)."""
     if size < 1:

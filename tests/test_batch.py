@@ -247,6 +247,31 @@ def test_a_broken_image_fails_its_run_and_the_batch_goes_on(tmp_path):
     assert "1 older run folder(s)" in status.stdout
 
 
+def test_a_file_that_is_no_image_among_the_photos_fails_only_its_run(tmp_path):
+    """The estimate reads every content image's header before any run starts: one it cannot
+    read gets no estimate, and its run fails by itself, naming the file, while the others
+    complete (exit 1). A .jpg that is really text, and a notes file the glob also matches."""
+    path = write_sweep(tmp_path, "glob", content="photos/*")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for stem in ("a", "c"):
+        write_image(photos / f"{stem}.jpg", (30, 30), seed=3)
+    (photos / "b.jpg").write_text("not a photo: a text file saved as .jpg\n")
+    (photos / "notes.txt").write_text("shot on a sunny day\n")
+    proc = run_cli("run", path)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "2 completed, 2 failed" in proc.stderr
+    by_content = {m["swept"]["content"]: m for m in metrics_of(tmp_path / "out" / "glob").values()}
+    assert {k: m["status"] for k, m in by_content.items()} == {
+        "a": "completed", "b": "failed", "c": "completed", "notes": "failed"}
+    assert "b.jpg: not a readable image" in by_content["b"]["error"]
+    assert "notes.txt: not a readable image" in by_content["notes"]["error"]
+    estimated = [line for line in proc.stderr.splitlines() if ": estimate: " in line]
+    assert sorted(line.split(":")[0] for line in estimated) == sorted(
+        by_content[k]["run_id"] for k in "ac")
+
+
 def test_out_of_memory_names_the_size_and_a_smaller_one(tmp_path):
     cfg = config.load(write_sweep(tmp_path, "oom", size=1024))
     tf_text = ("OOM when allocating tensor with shape[1,64,1024,1024] and type float on "
