@@ -17,7 +17,7 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from pipeline import batch, config, estimate, framework, runs, scales, weights
+from pipeline import batch, config, estimate, framework, jobs, runs, scales, weights
 from pipeline.progress import Progress
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -125,22 +125,22 @@ def _main(argv) -> int:
 
 
 def _validate(cfg: config.Config) -> int:
-    jobs = batch.plan(cfg)
-    for job in jobs:
+    planned = jobs.plan(cfg)
+    for job in planned:
         data = config.to_dict(job.cfg)
         data.pop("sweep")
         print(f"# run {job.run_id}")
         print(config.to_yaml(data))
-    print(f"# {len(jobs)} run(s): config is valid", file=sys.stderr)
+    print(f"# {len(planned)} run(s): config is valid", file=sys.stderr)
     return EXIT_OK
 
 
 def _estimate(cfg: config.Config, workers: int) -> int:
-    jobs = batch.plan(cfg)
+    planned = jobs.plan(cfg)
     unreadable = {}
-    estimates = estimate.for_jobs(jobs, workers, log=log.info,
+    estimates = estimate.for_jobs(planned, workers, log=log.info,
                                   on_skip=lambda job, why: unreadable.update({job.run_id: why}))
-    for job in jobs:
+    for job in planned:
         if job.run_id in unreadable:
             print(f"{job.run_id}  no estimate: {unreadable[job.run_id]}")
             continue
@@ -150,15 +150,15 @@ def _estimate(cfg: config.Config, workers: int) -> int:
     return EXIT_OK
 
 
-def _estimates(jobs, workers: int) -> dict:
+def _estimates(planned, workers: int) -> dict:
     """Each run's estimate, its line logged when the run starts. Completed runs need none
     (a batch that is all done calibrates nothing); a run whose images cannot be read gets
     none and fails by itself when it runs. A single run that cannot fit in memory is a usage
     error (exit 2, nothing started); in a batch, see _refuse."""
     if estimate.skipped():
         return {}
-    todo = [job for job in jobs
-            if (batch.folder_of(job).read_metrics() or {}).get("status") != "completed"]
+    todo = [job for job in planned
+            if (jobs.folder_of(job).read_metrics() or {}).get("status") != "completed"]
     try:
         estimates = estimate.for_jobs(todo, workers, log=log.info)
     except estimate.EstimateError as e:  # no estimate is no reason to keep a batch from running
@@ -167,21 +167,21 @@ def _estimates(jobs, workers: int) -> dict:
     for job in todo:
         if job.run_id in estimates:
             job.estimate = estimates[job.run_id].line()
-    one = estimates.get(jobs[0].run_id) if len(jobs) == 1 else None
+    one = estimates.get(planned[0].run_id) if len(planned) == 1 else None
     if one and not one.fits:
         raise config.ConfigError(one.refusal())
     return estimates
 
 
-def _refuse(jobs, estimates) -> list[batch.Outcome]:
+def _refuse(planned, estimates) -> list[jobs.Outcome]:
     """In a batch, the runs that fit run; those that cannot are marked failed, their error
     naming the largest size that fits (so the command exits 1)."""
-    return [batch.refuse(job, estimates[job.run_id].refusal()) for job in jobs
+    return [jobs.refuse(job, estimates[job.run_id].refusal()) for job in planned
             if job.run_id in estimates and not estimates[job.run_id].fits]
 
 
 def _run(cfg: config.Config, args) -> int:
-    jobs = batch.plan(cfg)
+    planned = jobs.plan(cfg)
     exp = runs.experiment_dir(cfg)
     if args.workers == "auto":
         from pipeline import hardware
@@ -189,20 +189,20 @@ def _run(cfg: config.Config, args) -> int:
         cores = hardware.usable_cores()
         args.workers, why = hardware.choose_workers(
             cores, hardware.free_cores(cores, hardware.load_average()),
-            len(hardware.driver_gpus()), len(jobs), hardware.memory_bytes(available=True),
-            on_device=bool(jobs) and all(j.cfg.optimizer.method != "scipy" for j in jobs))
+            len(hardware.driver_gpus()), len(planned), hardware.memory_bytes(available=True),
+            on_device=bool(planned) and all(j.cfg.optimizer.method != "scipy" for j in planned))
         log.info("--workers auto: %d (%s)", args.workers, why)
     if args.dry_run:
-        for job in jobs:
+        for job in planned:
             swept = " ".join(f"{k}={v}" for k, v in job.label.items())
             print(f"{job.run_id}  {swept}".rstrip())
         holder = runs.holder_of(exp / ".lock")
         busy = f"; in use by {holder}" if holder else ""
-        print(f"# {len(jobs)} run(s) in {exp}{busy}", file=sys.stderr)
+        print(f"# {len(planned)} run(s) in {exp}{busy}", file=sys.stderr)
         return EXIT_OK
-    _check_weights(jobs)
+    _check_weights(planned)
     # Calibrated on this machine: it says nothing of a Ray cluster's nodes.
-    estimates = _estimates(jobs, args.workers) if args.executor == "local" else {}
+    estimates = _estimates(planned, args.workers) if args.executor == "local" else {}
     with runs.experiment_lock(exp):
         runs.remove_stale_temporaries(exp)
         log_file = exp / "experiment.log"
@@ -214,14 +214,14 @@ def _run(cfg: config.Config, args) -> int:
             from pipeline import cluster
 
             executor = cluster.RayExecutor(args.address, args.gpus_per_run, args.cpus_per_run or 1)
-            log.info("%s: %d run(s), %s", exp, len(jobs), executor.start(exp, jobs))
+            log.info("%s: %d run(s), %s", exp, len(planned), executor.start(exp, planned))
         else:
-            log.info("%s: %d run(s), %d worker(s)", exp, len(jobs), args.workers)
+            log.info("%s: %d run(s), %d worker(s)", exp, len(planned), args.workers)
         runs.write_plan(exp, [{"run_id": j.run_id, "label": j.label,
-                               "iterations": scales.total_iterations(j.cfg)} for j in jobs],
+                               "iterations": scales.total_iterations(j.cfg)} for j in planned],
                         executor.capacity if executor else args.workers)
         runs.write_table(exp)
-        refused = _refuse(jobs, estimates)
+        refused = _refuse(planned, estimates)
         stop = _install_stop_handlers()
 
         def finished(outcome):
@@ -232,14 +232,14 @@ def _run(cfg: config.Config, args) -> int:
             finished(outcome)
         skip = {o.run_id for o in refused}
         outcomes = refused + batch.run_batch(
-            [job for job in jobs if job.run_id not in skip], args.workers, args.retries, stop,
+            [job for job in planned if job.run_id not in skip], args.workers, args.retries, stop,
             progress=lambda job: Progress(job.run_id, scales.total_iterations(job.cfg),
                                           job.cfg.log_every),
             on_outcome=finished, log_file=str(log_file), executor=executor)
         counts = Counter(o.status for o in outcomes)
-        not_started = len(jobs) - len(outcomes)
+        not_started = len(planned) - len(outcomes)
         log.info("summary: %d run(s): %d completed, %d failed, %d interrupted, %d skipped%s",
-                 len(jobs), counts["completed"], counts["failed"], counts["interrupted"],
+                 len(planned), counts["completed"], counts["failed"], counts["interrupted"],
                  counts["skipped"], f", {not_started} not started" if not_started else "")
         for outcome in outcomes:
             if outcome.status == "failed":
@@ -253,11 +253,11 @@ def _run(cfg: config.Config, args) -> int:
     return EXIT_OK
 
 
-def _check_weights(jobs) -> None:
+def _check_weights(planned) -> None:
     """Fetch or find each network's ImageNet file once, before anything is created: without
     it every run would fail alike, each in a folder of its own. Completed runs need nothing."""
-    networks = {job.cfg.model.network for job in jobs if job.cfg.model.weights == "imagenet"
-                and (batch.folder_of(job).read_metrics() or {}).get("status") != "completed"}
+    networks = {job.cfg.model.network for job in planned if job.cfg.model.weights == "imagenet"
+                and (jobs.folder_of(job).read_metrics() or {}).get("status") != "completed"}
     for network in sorted(networks):
         weights.imagenet_file(network)
 

@@ -169,6 +169,17 @@ def choose_workers(cores: int, free: int, gpus: int, runs: int, memory: int | No
     return n, "; ".join(why)
 
 
+def thread_caps(threads: int, environ) -> dict:
+    """The environment that caps a fresh process's CPU thread pools (BLAS, TensorFlow, XLA)
+    at `threads`; read once, when the framework starts, so set before it is imported."""
+    caps = {var: str(threads) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                           "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS")}
+    caps["TF_NUM_INTEROP_THREADS"] = "1"
+    caps["XLA_FLAGS"] = (environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
+                         f"{'true' if threads > 1 else 'false'}").strip()
+    return caps
+
+
 def share_gpu_memory(environ=os.environ) -> dict:
     """Set the GPU memory sharing variables where the user has not; before a framework loads."""
     for name, value in GPU_MEMORY_SHARING.items():

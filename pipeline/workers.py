@@ -29,22 +29,11 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(len(hardware.driver_gpus()))]
 
 
-def thread_caps(threads: int, environ) -> dict:
-    """The environment that caps a fresh process's CPU thread pools (BLAS, TensorFlow, XLA)
-    at `threads`; read once, when the framework starts, so set before it is imported."""
-    caps = {var: str(threads) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                                           "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS")}
-    caps["TF_NUM_INTEROP_THREADS"] = "1"
-    caps["XLA_FLAGS"] = (environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
-                         f"{'true' if threads > 1 else 'false'}").strip()
-    return caps
-
-
 def _init(slots, stop, parent_pid: int, gpus: list[str], threads: int, log_file: str | None):
     slot = slots.get()
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
-    os.environ.update(thread_caps(threads, os.environ))
+    os.environ.update(hardware.thread_caps(threads, os.environ))
     framework.quiet_logs()
     memory = hardware.share_gpu_memory()  # workers on one GPU must not each take all of it
     # Ctrl-C reaches every process of the terminal's group: the parent decides, through
@@ -83,7 +72,9 @@ def _should_stop() -> bool:
 
 
 def _work(job):
-    from pipeline import batch, scales
+    # Imported here, not at the top: numpy's BLAS reads its thread count when it loads, and a
+    # worker imports this module before _init has capped it.
+    from pipeline import jobs, scales
     from pipeline.progress import Progress
 
     with _busy:
@@ -91,10 +82,10 @@ def _work(job):
             return None
         progress = Progress(job.run_id, scales.total_iterations(job.cfg), job.cfg.log_every,
                             bar=False)
-        return batch.run_one(job, progress, _should_stop)
+        return jobs.run_one(job, progress, _should_stop)
 
 
-def run_pool(jobs, workers: int, stop, log_file: str | None = None):
+def run_pool(planned, workers: int, stop, log_file: str | None = None):
     """Yield each job's Outcome as it finishes. Once `stop` (a threading.Event, set by a
     signal handler) is set, runs not started are not started, and running ones stop at their
     next evaluation: the loop below passes it on to the workers through a process-shared
@@ -104,7 +95,7 @@ def run_pool(jobs, workers: int, stop, log_file: str | None = None):
     ProcessPoolExecutor for good: every pending future fails and the other workers are sent
     SIGTERM, which stops and saves their runs. Only the run that was under way in the dead
     worker is failed; the others go to a fresh pool, the interrupted ones resuming."""
-    from pipeline import batch
+    from pipeline import jobs
 
     context = multiprocessing.get_context("spawn")
     shared_stop = context.Event()
@@ -112,8 +103,8 @@ def run_pool(jobs, workers: int, stop, log_file: str | None = None):
     threads = max(1, (os.cpu_count() or 1) // workers)
     log.info("%d workers, %s, %d CPU thread(s) each", workers,
              f"GPUs {','.join(gpus)}" if gpus else "no GPU", threads)
-    todo = list(jobs)
-    for _ in range(len(jobs)):  # each broken pool fails at least one run, or no more pools
+    todo = list(planned)
+    for _ in range(len(planned)):  # each broken pool fails at least one run, or no more pools
         slots = context.Queue()
         for slot in range(workers):
             slots.put(slot)
@@ -141,7 +132,7 @@ def run_pool(jobs, workers: int, stop, log_file: str | None = None):
                         broken.append(job)  # judged once the other workers have saved
                         continue
                     except Exception as e:  # run_one records its own failures; not this one
-                        outcome = batch.Outcome(job.run_id, "failed", batch.folder_of(job),
+                        outcome = jobs.Outcome(job.run_id, "failed", jobs.folder_of(job),
                                                 f"{type(e).__name__}: {e}")
                     if outcome is not None:
                         yield outcome
@@ -161,21 +152,21 @@ def run_pool(jobs, workers: int, stop, log_file: str | None = None):
 
 def _after_broken_pool(job, stop, pool_started: float, processes: dict):
     """The outcome of a job whose pool broke, read from its folder, or None to run it again."""
-    from pipeline import batch
+    from pipeline import jobs, life
 
-    folder = batch.folder_of(job)
+    folder = jobs.folder_of(job)
     metrics = folder.read_metrics() or {}
     status = metrics.get("status")
     if status == "completed":
-        return batch.Outcome(job.run_id, "completed", folder, "")
+        return jobs.Outcome(job.run_id, "completed", folder, "")
     # Under way in the worker that died without a word (not left `running` by a kill before
     # this pool started: that one resumes).
     if status == "running" and folder.metrics.stat().st_mtime >= pool_started:
         error = death_of(_holder_pid(folder), processes, job.cfg)
-        folder.write_metrics({**metrics, "status": "failed", "error": error})
-        return batch.Outcome(job.run_id, "failed", folder, error)
+        life.mark_failed(folder, error)
+        return jobs.Outcome(job.run_id, "failed", folder, error)
     if status == "interrupted" and stop.is_set():
-        return batch.Outcome(job.run_id, "interrupted", folder, "")
+        return jobs.Outcome(job.run_id, "interrupted", folder, "")
     return None  # not started, or stopped by the pool's SIGTERM: a fresh pool runs it
 
 
@@ -191,7 +182,7 @@ def _holder_pid(folder) -> int | None:
 def death_of(pid: int | None, processes: dict, cfg) -> str:
     """What is known of a worker's sudden death, in one line: its signal or exit code. A
     SIGKILL is most often the kernel's out-of-memory killer, so that one names the size."""
-    from pipeline import batch
+    from pipeline import life
 
     process = processes.get(pid)
     code = process.exitcode if process is not None else None
@@ -204,7 +195,7 @@ def death_of(pid: int | None, processes: dict, cfg) -> str:
     if -code == signal.SIGKILL:
         return (f"{who} was killed by SIGKILL; the out-of-memory killer is the usual cause: "
                 f"if so, try a smaller size than {cfg.size}, e.g. --set "
-                f"size={batch.smaller_size(cfg)}")
+                f"size={life.smaller_size(cfg)}")
     crash = " (a crash in native code)" if -code in (signal.SIGSEGV, signal.SIGBUS,
                                                       signal.SIGABRT, signal.SIGILL) else ""
     return f"{who} died of {name}{crash}"

@@ -1,34 +1,6 @@
-"""How much memory and time a run will take on this machine, before it starts.
-
-Not a table written by hand: a calibration measures real runs (random weights, the default
-layers, the run's network, precision and optimiser method, one checkpoint taken as a run takes
-it), each in a fresh process, and fits
-
-    peak memory = a + b * pixels + c * style pixels (+ k * history * pixels, lbfgs)
-    seconds per iteration = t + u * pixels (+ v * history * pixels, lbfgs)
-
-which holds because every large buffer grows with a pixel count and the rest (the framework,
-the weights) does not: VGG19's activations and their gradients, scipy's float64 vectors, with
-the generated image's pixels; the style images' activations, computed once, forward only, when
-the targets are made, with theirs; lbfgs's history, its while-loop copies and the history x
-pixels temporaries of its products, with both the history and the pixels. The runs:
-
-    two sizes, styles as large as the content (a, b, t, u);
-    the smaller size with a style 4x as long (c: the only thing that changed is the style);
-    lbfgs only: the larger size at history 200 (k, v against the same size at history 10).
-
-scipy's history is not measured: its L-BFGS-B holds exactly 2 x history float64 vectors of
-the image's size on the host, counted as such on the CPU (on a GPU they are not in the
-device's memory). Memory is the process's peak RSS on the CPU (the whole process, since that is
-what the machine must hold) and the backend's peak device memory on a GPU. The fit is cached
-once per machine, backend, device, versions and setup (network, precision, method), under the
-user's cache folder (PIPELINE_CACHE_DIR moves it), so only the first run on a machine pays for
-it (~30-50 s on a 2-core CPU). A cache folder that cannot be written moves the cache to the
-temporary directory, with a warning (see calibration).
-
-Light on purpose: the deep-learning framework is imported only by the calibration's own
-subprocesses, so `estimate`, `run` and the parent of a worker pool stay quick.
-"""
+"""A calibration: real runs measured on this machine, each in a fresh process, and the fit
+of peak memory and seconds per iteration against pixel counts (the package's docstring has the
+model), cached per machine, backend, device, versions and setup."""
 
 from __future__ import annotations
 
@@ -36,14 +8,12 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import math
 import os
 import platform
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import __version__, config, hardware, images, runs, scales
@@ -68,9 +38,8 @@ ENV_SKIP = "PIPELINE_SKIP_ESTIMATE"  # 1: no estimate and no memory check (a use
 # Two sizes, e.g. "32,48", to calibrate at instead: quick, for the test suite or a first look;
 # the estimates of large runs are then rougher. Part of the cache key.
 ENV_SIZES = "PIPELINE_CALIBRATION_SIZES"
-GB = 1e9
-STATE_SHOWN = 100e6  # a checkpoint's state.npz at least this large is named in the line
 DEFAULT_SETUP = {"network": "vgg19", "precision": "float32", "method": "scipy"}
+GB = 1e9
 
 
 def setup_of(cfg: config.Config) -> dict:
@@ -101,7 +70,7 @@ def _backend() -> str:
         return "tensorflow"
 
 
-def _gpus() -> list[dict]:
+def gpu_list() -> list[dict]:
     """The NVIDIA GPUs this process may use (name, memory in bytes); [] without one. The
     driver is asked once per process (hardware.nvidia_gpus)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -132,7 +101,7 @@ def machine_key() -> dict:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             pass
-    gpus = _gpus()
+    gpus = gpu_list()
     return {"host": socket.gethostname(), "machine": platform.machine(),
             "cpus": os.cpu_count(), "backend": _backend(),
             "device": gpus[0]["name"] if gpus else "cpu", "pipeline": __version__,
@@ -169,7 +138,7 @@ def calibration(log_line=None, setup: dict | None = None) -> dict:
 def calibration_key(setup: dict | None = None) -> dict:
     """What a calibration of `setup` holds for: the machine, the setup, the sizes measured."""
     setup = {**DEFAULT_SETUP, **(setup or {})}
-    sizes = calibration_sizes(gpu=bool(_gpus()))
+    sizes = calibration_sizes(gpu=bool(gpu_list()))
     return {**machine_key(), **setup, "sizes": list(sizes), "format": CALIBRATION_FORMAT}
 
 
@@ -299,7 +268,7 @@ def _measure_in_subprocess(size: int, iterations: int, setup: dict, style: int |
     return json.loads(lines[-1])
 
 
-def _measure(size: int, iterations: int, network: str = "vgg19", precision: str = "float32",
+def measure(size: int, iterations: int, network: str = "vgg19", precision: str = "float32",
              method: str = "scipy", history: int = CALIBRATION_HISTORY,
              style: int | None = None) -> dict:
     """In a fresh process: one real run of `iterations` at size x size, with a square style
@@ -312,7 +281,7 @@ def _measure(size: int, iterations: int, network: str = "vgg19", precision: str 
     from pipeline import framework
 
     framework.load()
-    from pipeline import autodiff, batch
+    from pipeline import autodiff, life
     from pipeline.stylize import stylize
 
     style = style or size
@@ -335,7 +304,7 @@ def _measure(size: int, iterations: int, network: str = "vgg19", precision: str 
         def on_step(step):
             stamps.append(step.seconds)
             if step.iteration == iterations:  # the state a checkpoint copies to the host
-                batch._checkpoint(folder, step, {}, plan)
+                life.save_checkpoint(folder, step, {}, len(plan) > 1)
 
         stylize(cfg, content, [painting], on_step=on_step)
     side = config.style_size(cfg)
@@ -378,169 +347,5 @@ def _device_memory(backend: str) -> tuple[int, int | None]:
     return int(tf.config.experimental.get_memory_info("GPU:0")["peak"]), None
 
 
-# --------------------------------------------------------------------------- estimates
-
-
-@dataclass
-class Estimate:
-    run_id: str
-    width: int
-    height: int
-    peak_bytes: float  # at the largest stage
-    seconds_per_iteration: float  # at the largest stage
-    seconds: float  # every stage's iterations
-    limit_bytes: float  # what one run may use here
-    device: str
-    largest_size: int  # the largest `size` that fits (same aspect, multiple of 16)
-    state_bytes: float = 0.0  # the checkpoint's state.npz on disk, while the run is under way
-
-    @property
-    def fits(self) -> bool:
-        return self.peak_bytes <= self.limit_bytes
-
-    def line(self) -> str:
-        disk = (f", checkpoints {self.state_bytes / GB:.2f} GB on disk (state.npz)"
-                if self.state_bytes >= STATE_SHOWN else "")
-        return (f"estimate: {self.width}x{self.height}: peak memory {self.peak_bytes / GB:.2f} GB "
-                f"of {self.limit_bytes / GB:.1f} GB, {self.seconds_per_iteration:.3g} s/iteration, "
-                f"about {_duration(self.seconds)} in all ({self.device}){disk}")
-
-    def refusal(self) -> str:
-        return (f"run {self.run_id}: estimated peak memory {self.peak_bytes / GB:.1f} GB at "
-                f"{self.width}x{self.height} exceeds the {self.limit_bytes / GB:.1f} GB this "
-                f"machine has for it ({self.device}); the largest size that fits is "
-                f"{self.largest_size} (--set size={self.largest_size}, and scales to match)")
-
-
-def _duration(seconds: float) -> str:
-    hours, rest = divmod(int(seconds), 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
-def scaled_shape(width: int, height: int, size: int) -> tuple[int, int]:
-    """(height, width) of a width x height image scaled to `size` on its long side, as
-    images.resize_long_side scales it."""
-    scale = size / max(height, width)
-    if width >= height:
-        return max(1, round(height * scale)), size
-    return size, max(1, round(width * scale))
-
-
-def generated_shape(content_path: str, size: int) -> tuple[int, int]:
-    """(height, width) of the generated image at `size`, from the content file's header (EXIF
-    rotation does not change the pixel count). images.ImageError if it cannot be read."""
-    return scaled_shape(*images.read_size(content_path), size)
-
-
-def state_bytes(method: str, history: int, pixels: int) -> float:
-    """The size of a checkpoint's state.npz (uncompressed float32 arrays): the image; for the
-    device methods the gradient and best image too, and lbfgs's s and y (history each) and
-    their two history x history products, Adam's two moments."""
-    vectors = {"scipy": 1, "lbfgs": 3 + 2 * history, "adam": 5}.get(method, 1)
-    square = 2 * history * history if method == "lbfgs" else 0
-    return 4.0 * (vectors * 3 * pixels + square)
-
-
-def available_memory(cal: dict) -> float:
-    """Bytes a run may use: the GPU's memory (as the backend reported its limit, else as
-    nvidia-smi does), or the RAM available now (MemAvailable) on the CPU."""
-    if not cal["device"].startswith("cpu"):
-        if cal.get("device_memory"):
-            return float(cal["device_memory"])
-        gpus = _gpus()
-        if gpus and gpus[0]["memory"]:
-            return float(gpus[0]["memory"])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-
-
-SCIPY_BYTES = 2 * 3 * 8  # per pixel and correction: s and y, float64, three channels
-
-
-def estimate(cfg: config.Config, run_id: str, cal: dict, limit: float,
-             read_size=images.read_size) -> Estimate:
-    """The run's estimate from a calibration and `limit`, the bytes it may use. The content's
-    and style images' sizes come from their headers (`read_size(path) -> (width, height)`);
-    images.ImageError when one cannot be read."""
-    content = read_size(cfg.content)
-    styles = [read_size(path) for path in config.style_list(cfg.style)]
-    (a, b), c, (t, u) = cal["memory"], cal["style"], cal["seconds"]
-    method, m = cfg.optimizer.method, config.history(cfg.optimizer)
-    if method == "lbfgs" and cal["history"]:
-        # Measured: the calibration's own history is in b and u already; never less than it.
-        longer = max(0, m - cal["history"]["at"][0])
-        b, u = b + cal["history"]["memory"] * longer, u + cal["history"]["seconds"] * longer
-    elif method == "scipy" and cal["device"].startswith("cpu"):
-        # Exact: scipy's history is host memory (on a GPU, not the device's that is checked).
-        b += SCIPY_BYTES * (m - CALIBRATION_HISTORY)
-    seconds = 0.0
-    for stage in scales.stages(cfg):
-        h, w = scaled_shape(*content, stage.size)
-        seconds += (stage.last - stage.first + 1) * (t + u * h * w)
-    h, w = scaled_shape(*content, cfg.size)  # the last stage: the largest images
-    pixels = h * w
-    style_pixels = sum(math.prod(scaled_shape(*s, config.style_size(cfg))) for s in styles)
-    growing = b * pixels + c * style_pixels  # grows as size squared, style_scale held
-    if limit <= a:
-        largest = 0
-    elif growing <= 0 or math.isinf(limit):
-        largest = config.MAX_SIZE
-    else:
-        largest = min(config.MAX_SIZE, int(cfg.size * math.sqrt((limit - a) / growing)))
-        largest = largest // 16 * 16
-    disk = state_bytes(method, m, pixels) if cfg.checkpoint_every else 0.0
-    return Estimate(run_id, w, h, a + growing, t + u * pixels, seconds, limit, cal["device"],
-                    largest, disk)
-
-
-def for_jobs(jobs, workers: int = 1, log=None, on_skip=None) -> dict[str, Estimate]:
-    """Each planned run's estimate, with `workers` runs sharing the device at once. A run
-    whose content or style image cannot be read gets none (it fails by itself, naming the
-    file, when it runs): `on_skip(job, message)` hears of it. Calibrates only the setups of
-    runs it estimates."""
-    out = {}
-    sizes: dict[str, tuple[int, int] | images.ImageError] = {}
-
-    def read_size(path):  # the runs of a sweep share their images: each header read once
-        if path not in sizes:
-            try:
-                sizes[path] = images.read_size(path)
-            except images.ImageError as e:
-                sizes[path] = e
-        if isinstance(sizes[path], images.ImageError):
-            raise sizes[path]
-        return sizes[path]
-
-    calibrations: dict[str, tuple[dict, float]] = {}
-    for job in jobs:
-        try:
-            for path in (job.cfg.content, *config.style_list(job.cfg.style)):
-                read_size(path)
-        except images.ImageError as e:
-            if on_skip:
-                on_skip(job, str(e))
-            continue
-        setup = setup_of(job.cfg)
-        name = " ".join(setup.values())
-        if name not in calibrations:
-            cal = calibration(log, setup)
-            devices = max(1, len(_gpus())) if not cal["device"].startswith("cpu") else 1
-            calibrations[name] = cal, available_memory(cal) / max(1, math.ceil(workers / devices))
-        cal, limit = calibrations[name]
-        out[job.run_id] = estimate(job.cfg, job.run_id, cal, limit, read_size)
-    return out
-
-
 def skipped() -> bool:
     return os.environ.get(ENV_SKIP, "") not in ("", "0")
-
-
-if __name__ == "__main__":  # a calibration's measuring process: SIZE ITERATIONS SETUP HISTORY STYLE
-    size, iterations, network, precision, method, history, style = sys.argv[1:8]
-    print(json.dumps(_measure(int(size), int(iterations), network, precision, method,
-                              int(history), int(style))))
