@@ -84,9 +84,9 @@ def _run(run: life.RunLife, on_step, should_stop) -> Outcome:
             on_step(step)
 
     try:  # everything up to the last write: a full disk fails this run, not the batch
-        resume = run.start(_environment())
+        start = run.start(_environment())
         result, weights = stylize(run.cfg, **_inputs(run.cfg), on_step=record,
-                                  should_stop=should_stop, resume=resume)
+                                  should_stop=should_stop, start=start)
         status = run.finish(result, weights)
     except Exception as e:  # one run's failure, whatever it is, must not end a batch
         return Outcome(run.run_id, "failed", run.folder, run.fail(e))

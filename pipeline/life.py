@@ -49,9 +49,9 @@ class RunLife:
     def completed(self) -> bool:
         return (self.folder.read_metrics() or {}).get("status") == "completed"
 
-    def start(self, environment: dict) -> dict | None:
-        """Create or take over the folder; returns the checkpoint's state to resume from, or
-        None to start from the beginning. `environment` goes into config.yaml's provenance."""
+    def start(self, environment: dict) -> scales.Start:
+        """Create or take over the folder; returns where the run starts (from the beginning,
+        or where its checkpoint says). `environment` goes into config.yaml's provenance."""
         folder, cfg = self.folder, self.cfg
         previous = folder.read_metrics() or {}
         # "running" here means a process died without a word (SIGKILL, power): resume it too.
@@ -60,8 +60,8 @@ class RunLife:
         if unfinished and resume is None:
             log.warning("%s: no readable checkpoint (%s): starting again from the beginning",
                         self.run_id, folder.state)
-        done = (int(resume["iteration"]), int(resume["evaluations"]),
-                float(resume["seconds"])) if resume else (0, 0, 0.0)
+        start = scales.start_of(self.stages, resume)
+        done = start.done
         self.metrics = {
             "status": "running",
             "run_id": self.run_id,
@@ -82,7 +82,7 @@ class RunLife:
         folder.start(config.to_dict(cfg), {"run_id": self.run_id, "config_hash": self.digest,
                                            **environment}, done[0])
         folder.write_metrics(self.metrics)
-        return resume
+        return start
 
     def record(self, step: optimize.Step) -> None:
         """One finished iteration: its trace row, and at checkpoint iterations the
@@ -185,8 +185,8 @@ def save_checkpoint(folder: runs.RunFolder, step: optimize.Step, text: dict,
     # The optimiser's state too: a device optimiser's (lbfgs, adam) makes its resume exact;
     # scipy's is its best image, which the next stage starts from.
     saved = step.state() if step.state is not None else {}
-    extra = {"stage": step.stage, **{optimize.STATE_PREFIX + k: v for k, v in saved.items()},
-             **{f"initial.{k}": v for k, v in (step.initial or {}).items()}}
+    extra = {"stage": step.stage, **{scales.STATE_PREFIX + k: v for k, v in saved.items()},
+             **{scales.INITIAL_PREFIX + k: v for k, v in (step.initial or {}).items()}}
     folder.save_checkpoint(step.image, (step.iteration, step.evaluations, step.seconds), text,
                            extra, label)
 

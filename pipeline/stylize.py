@@ -9,10 +9,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from pipeline import autodiff, color, config, images, model, optimize, scales
+from pipeline import color, images, model, optimize, scales
 from pipeline.config import Config, style_size
 from pipeline.losses import Objective
-from pipeline.optimize import device
 
 # Ends of a stage after which the next stage starts (an abnormal end still has a best image).
 _STAGE_DONE = (optimize.COMPLETED, optimize.CONVERGED, optimize.ABNORMAL)
@@ -92,9 +91,45 @@ class GreyObjective:
         return self.objective(ops.repeat(y, 3, axis=-1))
 
 
-def _loss(values, names) -> dict:
-    """A loss record ({"total": ..., term: ...}) from a checkpoint's array (total first)."""
-    return {name: float(v) for name, v in zip(("total", *names), values)}
+def stage_objective(cfg: Config, network, content, styles, size: int, style_masks=None,
+                    content_mask=None):
+    """The objective at one stage's size: content and styles scaled to it (each style to
+    style_scale times it), checked against the deepest layer, coloured as `preserve_colors`
+    asks, masks resized to the content's shape; its targets computed once, here. Returns it,
+    the content and styles as its targets saw them, and the content at that size in its own
+    colours (luminance mode restores them into the result). `network` is
+    model.feature_extractor's (extractor, layer names, weights)."""
+    extractor, layer_names, _ = network
+    original, styles = prepare(cfg, content, styles, size)
+    check_fits(cfg, original, styles)
+    content, styles = color_inputs(cfg, original, styles)
+    shape = content.shape[:2]
+    objective = Objective(
+        extractor, layer_names, cfg, content, styles,
+        style_masks=None if style_masks is None else [
+            None if m is None else images.resize_mask(m, shape) for m in style_masks],
+        content_mask=None if content_mask is None else images.resize_mask(content_mask, shape),
+    )
+    if cfg.preserve_colors == "luminance":
+        objective = GreyObjective(objective)
+    return objective, content, styles, original
+
+
+def start_image(cfg: Config, start: scales.Start, stage: scales.Stage, content, styles,
+                init_image) -> np.ndarray:
+    """What the stage's optimiser starts from: the initial image (first stage), the
+    checkpoint's own pixels (resumed inside this stage), or the previous stage's best image
+    upsampled (Lanczos) to this stage's size."""
+    shape = content.shape[:2]
+    if start.image is None:
+        return iterate(cfg, initial_image(cfg, content, styles, init_image))
+    if start.inside and stage.index == start.stage:
+        if start.image.shape[:2] != shape:
+            raise ValueError(f"checkpoint image is {start.image.shape[1]}x"
+                             f"{start.image.shape[0]}, stage {stage.index} works at "
+                             f"{shape[1]}x{shape[0]}")
+        return iterate(cfg, start.image)
+    return images.resize_to(iterate(cfg, start.image), shape)
 
 
 def stylize(
@@ -104,7 +139,7 @@ def stylize(
     init_image: np.ndarray | None = None,
     on_step: Callable[[optimize.Step], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
-    resume: dict | None = None,
+    start: scales.Start | None = None,
     style_masks: list[np.ndarray | None] | None = None,
     content_mask: np.ndarray | None = None,
 ) -> tuple[optimize.Result, str]:
@@ -113,57 +148,23 @@ def stylize(
 
     Coarse to fine (`scales`): each stage optimises at its own size, with the content and
     style targets (and masks) recomputed at that size, starting from the previous stage's
-    best image upsampled. `resume` is a checkpoint's state (runs.RunFolder.load_state): the
-    run goes on in the stage and at the iteration it was saved at, or, from a checkpoint that
-    ended a stage, with the next stage from that stage's best image, as if it had never
-    stopped. Step records carry the run's first loss (`initial`), which a checkpoint keeps as
-    `initial.<term>`. Returns the last stage's Result, with the run's initial loss (None when
-    a resumed checkpoint did not keep it), and a description of the weights that were loaded.
+    best image upsampled. `start` is where a resumed run goes on (scales.start_of a
+    checkpoint's state; None: from the beginning), as if it had never stopped. Step records
+    carry the run's first loss (`initial`). Returns the last stage's Result, with the run's
+    initial loss (None when a resumed checkpoint did not keep it), and a description of the
+    weights that were loaded.
     """
     keras.utils.set_random_seed(cfg.seed)
-    extractor, layer_names, weights = model.feature_extractor(cfg.model, cfg.seed)
+    network = model.feature_extractor(cfg.model, cfg.seed)
     plan = scales.stages(cfg)
-    x, done, start, inside, saved, initial = None, (0, 0, 0.0), 1, False, {}, None
-    if resume:
-        done = (int(resume["iteration"]), int(resume["evaluations"]), float(resume["seconds"]))
-        start = scales.resume_point(plan, int(resume.get("stage", 1)), done[0])
-        inside = done[0] >= plan[start - 1].first  # else the checkpoint ended the stage before
-        saved = {k[len(optimize.STATE_PREFIX):]: v for k, v in resume.items()
-                 if k.startswith(optimize.STATE_PREFIX)}
-        # The image a stage goes on from (its last iterate), or the next stage starts from
-        # (the stage's best: scipy and the device optimisers keep it; older checkpoints
-        # only the iterate).
-        x = resume["image"] if inside else saved.get("best_x", resume["image"])
-        if not inside:
-            saved = {}
-        kept = {k[len("initial."):]: v for k, v in resume.items() if k.startswith("initial.")}
-        initial = {k: float(v) for k, v in kept.items()} or None
-    for stage in plan[start - 1:]:
-        original_s, styles_s = prepare(cfg, content, styles, stage.size)
-        check_fits(cfg, original_s, styles_s)
-        content_s, styles_s = color_inputs(cfg, original_s, styles_s)
-        shape = content_s.shape[:2]
-        objective = Objective(
-            extractor, layer_names, cfg, content_s, styles_s,
-            style_masks=None if style_masks is None else [
-                None if m is None else images.resize_mask(m, shape) for m in style_masks],
-            content_mask=None if content_mask is None else images.resize_mask(content_mask,
-                                                                              shape),
-        )
-        if cfg.preserve_colors == "luminance":
-            objective = GreyObjective(objective)
-        resumed_here = inside and stage.index == start
-        if x is None:
-            x0 = iterate(cfg, initial_image(cfg, content_s, styles_s, init_image))
-        elif resumed_here:  # the checkpoint's own pixels
-            if x.shape[:2] != shape:
-                raise ValueError(f"checkpoint image is {x.shape[1]}x{x.shape[0]}, stage "
-                                 f"{stage.index} works at {shape[1]}x{shape[0]}")
-            x0 = iterate(cfg, x)
-        else:  # the previous stage's best image, upsampled (Lanczos) to this stage's size
-            x0 = images.resize_to(iterate(cfg, x), shape)
-        state = saved if resumed_here else {}
-        first = resume is None and stage is plan[0]  # its first loss is the run's
+    start = start or scales.Start()
+    done, initial = start.done, start.initial
+    for stage in plan[start.stage - 1:]:
+        objective, content_s, styles_s, original = stage_objective(
+            cfg, network, content, styles, stage.size, style_masks, content_mask)
+        x0 = start_image(cfg, start, stage, content_s, styles_s, init_image)
+        resumed_here = start.inside and stage.index == start.stage
+        first = start.image is None and stage is plan[0]  # its first loss is the run's
 
         def stage_step(step, index=stage.index, first=first):
             nonlocal initial
@@ -174,28 +175,19 @@ def stylize(
                     step, stage=index, initial=initial,
                     image=None if step.image is None else rgb(step.image)))
 
-        opt = cfg.optimizer
-        if opt.method == "scipy":
-            best = (state["best_x"], _loss(state["best"], objective.terms)) if {
-                "best_x", "best"} <= state.keys() else None
-            vg = autodiff.value_and_grad(objective, extractor.variables)
-            result = optimize.minimize(vg, x0, stage.last, config.history(opt), stage_step,
-                                       should_stop, done, ftol=opt.ftol, gtol=opt.gtol,
-                                       best=best)
-        else:  # compiled on the device; a checkpoint of this stage holds its state
-            method = optimize.device_method(opt.method, config.history(opt))
-            compiled = device.compile_method(method, objective, extractor.variables)
-            result = device.minimize(compiled, x0, stage.last, stage_step, should_stop, done,
-                                     state or None, cfg.checkpoint_every)
+        result = optimize.solve(cfg.optimizer, objective, network[0].variables, x0,
+                                stage.last, stage_step, should_stop, done,
+                                start.state if resumed_here else None, cfg.checkpoint_every)
         if first and initial is None:  # no iteration ran (a non-finite start, a stop)
             initial = result.initial
         if result.reason not in _STAGE_DONE or stage is plan[-1]:
             break
         # The next stage's numbers start after this stage's budget, even if it converged early.
-        x, done = result.image, (stage.last, result.evaluations, result.seconds)
+        start = dataclasses.replace(start, image=result.image, inside=False)
+        done = (stage.last, result.evaluations, result.seconds)
     image = rgb(result.image)
     if cfg.preserve_colors == "luminance":
         # The result is the optimised luminance under the content's I and Q (the last
         # stage's content). Out-of-gamut pixels clip.
-        image = _clip(color.restore_colors(image, original_s))
-    return dataclasses.replace(result, image=image, initial=initial), weights
+        image = _clip(color.restore_colors(image, original))
+    return dataclasses.replace(result, image=image, initial=initial), network[2]

@@ -4,6 +4,8 @@
 - `lbfgs` (lbfgs.py) and `adam` (adam.py): written in keras.ops and run on the device many
   iterations per compiled call by device.py, the host touched only between calls.
 
+`solve` runs one of them by the name a run's config gives (optimizer.method).
+
 Nothing here knows about files or terminals: each iteration becomes a Step record for
 whoever is watching.
 """
@@ -14,24 +16,11 @@ from pipeline.optimize.records import (
     CONVERGED,
     INTERRUPTED,
     NON_FINITE,
-    STATE_PREFIX,
     Result,
     Step,
 )
 from pipeline.optimize.scipy import Evaluator, minimize
+from pipeline.optimize.solve import device_method, solve
 
-__all__ = ["ABNORMAL", "COMPLETED", "CONVERGED", "INTERRUPTED", "NON_FINITE", "STATE_PREFIX",
-           "Evaluator", "Result", "Step", "minimize", "device_method"]
-
-
-def device_method(name: str, history: int = 10):
-    """The device optimiser called `name` (optimizer.method), for device.minimize."""
-    if name == "lbfgs":
-        from pipeline.optimize.lbfgs import LBFGS
-
-        return LBFGS(history)
-    if name == "adam":
-        from pipeline.optimize.adam import Adam
-
-        return Adam()
-    raise ValueError(f"no device optimiser '{name}'")
+__all__ = ["ABNORMAL", "COMPLETED", "CONVERGED", "INTERRUPTED", "NON_FINITE",
+           "Evaluator", "Result", "Step", "minimize", "device_method", "solve"]

@@ -16,9 +16,6 @@ ABNORMAL = "abnormal"  # scipy stopped otherwise, e.g. a failed line search (war
 INTERRUPTED = "interrupted"  # should_stop() said so
 NON_FINITE = "non_finite"  # a NaN or Inf in the loss or gradient
 
-# A checkpoint stores an optimiser's state (Step.state) as named arrays under this prefix.
-STATE_PREFIX = "optimizer."
-
 
 @dataclass(frozen=True)
 class Step:
