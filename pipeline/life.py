@@ -93,11 +93,10 @@ class RunLife:
         self.metrics["initial_loss"] = step.initial or self.metrics["initial_loss"]
         every = self.cfg.checkpoint_every
         if every and step.iteration % every == 0:
-            save_checkpoint(self.folder, step, self.text, len(self.stages) > 1)
             self.metrics.update(iterations=step.iteration, evaluations=step.evaluations,
                                 seconds=round(step.seconds, 3),
                                 loss={"total": step.total, **step.terms})
-            self.folder.write_metrics(self.metrics)
+            save_checkpoint(self.folder, step, self.text, len(self.stages) > 1, self.metrics)
 
     def finish(self, result: optimize.Result, weights: str) -> str:
         """The optimiser's Result written as the run's end; returns the run's status."""
@@ -176,11 +175,11 @@ class RunLife:
 
 
 def save_checkpoint(folder: runs.RunFolder, step: optimize.Step, text: dict,
-                    staged: bool) -> None:
+                    staged: bool, metrics: dict | None = None) -> None:
     """A checkpoint of `step`. The stage goes into the state (a resume continues it) and, in
     a run of several stages (`staged`), into the PNG's name: `stage2_iter_000150.png`. So does
     the run's first loss (`initial.<term>`): metrics.json's initial_loss after a kill and a
-    resume."""
+    resume. Then `metrics`, if given, as metrics.json."""
     label = f"stage{step.stage}_" if staged else ""
     # The optimiser's state too: a device optimiser's (lbfgs, adam) makes its resume exact;
     # scipy's is its best image, which the next stage starts from.
@@ -188,7 +187,7 @@ def save_checkpoint(folder: runs.RunFolder, step: optimize.Step, text: dict,
     extra = {"stage": step.stage, **{scales.STATE_PREFIX + k: v for k, v in saved.items()},
              **{scales.INITIAL_PREFIX + k: v for k, v in (step.initial or {}).items()}}
     folder.save_checkpoint(step.image, (step.iteration, step.evaluations, step.seconds), text,
-                           extra, label)
+                           extra, label, metrics)
 
 
 def mark_failed(folder: runs.RunFolder, message: str) -> None:

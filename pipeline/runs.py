@@ -93,10 +93,12 @@ class RunFolder:
             f.write(json.dumps(row) + "\n")
 
     def save_checkpoint(self, image: np.ndarray, done: tuple[int, int, float], text: dict,
-                        extra: dict | None = None, label: str = "") -> None:
+                        extra: dict | None = None, label: str = "",
+                        metrics: dict | None = None) -> None:
         """A PNG to look at (`<label>iter_<iteration>.png`), and the state to resume from:
         the float image, the counts and `extra` named arrays (the stage, an optimiser's
-        memory), written after the PNG, so the state never points past a missing image."""
+        memory), written after the PNG, so the state never points past a missing image; then
+        `metrics`, if given, as metrics.json at that point."""
         iteration, evaluations, seconds = done
         images.save_png(self.checkpoints / f"{label}iter_{iteration:06d}.png", image, text)
         # Streamed into the file, one array at a time (np.savez converts each on its turn
@@ -106,6 +108,8 @@ class RunFolder:
         with images.atomic_open(self.state) as f:
             np.savez(f, **(extra or {}), image=image.astype(np.float32), iteration=iteration,
                      evaluations=evaluations, seconds=seconds)
+        if metrics is not None:
+            self.write_metrics(metrics)
 
     def remove_state(self) -> None:
         """state.npz is for resuming an unfinished run; a finished one needs none (and an

@@ -56,13 +56,13 @@ def color_inputs(cfg: Config, content, styles):
 
 
 def initial_image(cfg: Config, content, styles, init_image=None) -> np.ndarray:
-    """The starting pixels, the content's shape: content, seeded noise, style, or an image."""
+    """The starting pixels: the content, seeded noise of its shape, the first style or an
+    init image (these two at their own size: start_image scales them to the content's)."""
     if cfg.init == "content":
         return content.copy()
     if cfg.init == "noise":
         return np.random.default_rng(cfg.seed).uniform(0, 255, content.shape).astype("float32")
-    source = styles[0] if cfg.init == "style" else init_image
-    return images.resize_to(source, content.shape[:2])
+    return styles[0] if cfg.init == "style" else init_image
 
 
 def iterate(cfg: Config, img: np.ndarray) -> np.ndarray:
@@ -101,15 +101,15 @@ def stage_objective(cfg: Config, network, content, styles, size: int, style_mask
     model.feature_extractor's (extractor, layer names, weights)."""
     extractor, layer_names, _ = network
     original, styles = prepare(cfg, content, styles, size)
+    shape = original.shape[:2]
+    if style_masks is not None:
+        style_masks = [None if m is None else images.resize_mask(m, shape) for m in style_masks]
+    if content_mask is not None:
+        content_mask = images.resize_mask(content_mask, shape)
     check_fits(cfg, original, styles)
     content, styles = color_inputs(cfg, original, styles)
-    shape = content.shape[:2]
-    objective = Objective(
-        extractor, layer_names, cfg, content, styles,
-        style_masks=None if style_masks is None else [
-            None if m is None else images.resize_mask(m, shape) for m in style_masks],
-        content_mask=None if content_mask is None else images.resize_mask(content_mask, shape),
-    )
+    objective = Objective(extractor, layer_names, cfg, content, styles, style_masks=style_masks,
+                          content_mask=content_mask)
     if cfg.preserve_colors == "luminance":
         objective = GreyObjective(objective)
     return objective, content, styles, original
@@ -117,19 +117,17 @@ def stage_objective(cfg: Config, network, content, styles, size: int, style_mask
 
 def start_image(cfg: Config, start: scales.Start, stage: scales.Stage, content, styles,
                 init_image) -> np.ndarray:
-    """What the stage's optimiser starts from: the initial image (first stage), the
-    checkpoint's own pixels (resumed inside this stage), or the previous stage's best image
-    upsampled (Lanczos) to this stage's size."""
+    """What the stage's optimiser starts from, at the content's shape: the initial image
+    (first stage), the checkpoint's own pixels (resumed inside this stage), or the previous
+    stage's best image upsampled (Lanczos) to this stage's size."""
     shape = content.shape[:2]
-    if start.image is None:
-        return iterate(cfg, initial_image(cfg, content, styles, init_image))
-    if start.inside and stage.index == start.stage:
-        if start.image.shape[:2] != shape:
-            raise ValueError(f"checkpoint image is {start.image.shape[1]}x"
-                             f"{start.image.shape[0]}, stage {stage.index} works at "
-                             f"{shape[1]}x{shape[0]}")
-        return iterate(cfg, start.image)
-    return images.resize_to(iterate(cfg, start.image), shape)
+    x = start.image  # a checkpoint's image or the previous stage's best (iterate() takes both)
+    if x is None:
+        x = initial_image(cfg, content, styles, init_image)
+    elif start.inside and stage.index == start.stage and x.shape[:2] != shape:
+        raise ValueError(f"checkpoint image is {x.shape[1]}x{x.shape[0]}, stage {stage.index} "
+                         f"works at {shape[1]}x{shape[0]}")
+    return iterate(cfg, images.resize_to(x, shape))  # no change where the shape is the same
 
 
 def stylize(
