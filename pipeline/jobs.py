@@ -85,8 +85,9 @@ def _run(run: life.RunLife, on_step, should_stop) -> Outcome:
 
     try:  # everything up to the last write: a full disk fails this run, not the batch
         start = run.start(_environment())
-        result, weights = stylize(run.cfg, **_inputs(run.cfg), on_step=record,
-                                  should_stop=should_stop, start=start)
+        inputs = _inputs(run.cfg)
+        result, weights = stylize(run.cfg, **inputs, on_step=record, should_stop=should_stop,
+                                  start=start)
         status = run.finish(result, weights)
     except Exception as e:  # one run's failure, whatever it is, must not end a batch
         return Outcome(run.run_id, "failed", run.folder, run.fail(e))
