@@ -25,7 +25,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import batch, config, estimate  # noqa: E402
+from pipeline import config, estimate, jobs  # noqa: E402
 
 MEASURE = ("import sys\nfrom pipeline.cli import main\nrc = main(sys.argv[1:])\n"
            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
@@ -64,7 +64,7 @@ def main() -> None:
                 "optimizer": {"iterations": args.iterations, "method": args.method,
                               "history": args.history},
                 "checkpoint_every": args.iterations if args.checkpoints else 0}))
-            (job,) = batch.plan(config.load(path))
+            (job,) = jobs.plan(config.load(path))
             guess = estimate.estimate(job.cfg, job.run_id, cal, float("inf"))
             proc = subprocess.run(
                 [sys.executable, "-c", MEASURE, "run", str(path)], cwd=ROOT, text=True,
@@ -73,7 +73,7 @@ def main() -> None:
             if proc.returncode != 0:
                 sys.exit(proc.stderr)
             peak = int(proc.stdout.split("peak")[-1])
-            trace = batch.folder_of(job).read_trace()
+            trace = jobs.folder_of(job).read_trace()
             seconds = [b["seconds"] - a["seconds"] for a, b in zip(trace, trace[1:])]
             measured_s = statistics.median(seconds)
             print(f"| {guess.width}x{guess.height} | {guess.peak_bytes / 1e9:.3f} | "

@@ -14,10 +14,10 @@ def demo_inputs(size: int, *overrides: str):
     """The demo config's run at `size` with random weights (and `overrides`, as --set):
     (cfg, content, styles, extractor, layer names), the images prepared at that size.
     Imports the framework, so only when called: bench_workers uses this module too."""
-    from pipeline import batch, config, images, model
+    from pipeline import config, images, jobs, model
     from pipeline.stylize import prepare
 
-    (job,) = batch.plan(config.load(ROOT / "configs" / "demo.yaml",
+    (job,) = jobs.plan(config.load(ROOT / "configs" / "demo.yaml",
                                     [f"size={size}", "model.weights=random", *overrides]))
     cfg = job.cfg  # planned: style is a list of files only after planning
     content, styles = prepare(cfg, images.load_image(cfg.content),
