@@ -42,7 +42,7 @@ def function(fn, variables) -> Callable:
     if _backend() == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(fn)
+        return tf.function(fn, autograph=False)
     import jax
 
     def pure(values, *args):
@@ -52,6 +52,13 @@ def function(fn, variables) -> Callable:
     run = jax.jit(pure)
     values = [v.value for v in variables]
     return lambda *args: run(values, *args)
+
+
+def once(fn, variables) -> Callable:
+    """`fn(*args) -> outputs` (no gradient) for a function called about once per shape (the
+    targets): eagerly on TensorFlow, where a trace costs more than a run; compiled on JAX,
+    whose eager ops are compiled one by one, for every new shape again."""
+    return fn if _backend() == "tensorflow" else function(fn, variables)
 
 
 def compiled_loop(objective, variables, program) -> Callable:
@@ -117,7 +124,8 @@ def _backend() -> str:
 def _tensorflow_gradient(fn):
     import tensorflow as tf
 
-    @tf.function
+    # No autograph: the objective branches on Python values only, and tracing is faster.
+    @tf.function(autograph=False)
     def step(x, *args):
         with tf.GradientTape() as tape:
             tape.watch(x)

@@ -29,6 +29,16 @@ def _stop(stop, start):
     return None if stop is None else stop - start
 
 
+def _crop(y, r0, r1, c0, c1):
+    """y[:, r0:r1, c0:c1, :] (None: to the end) as a slice of static size, whose gradient is
+    a pad (TensorFlow's strided slice has a slower gradient of its own)."""
+    _, rows, cols, channels = y.shape
+    r1, c1 = min(rows, rows if r1 is None else r1), min(cols, cols if c1 is None else c1)
+    if (r0, r1, c0, c1) == (0, rows, 0, cols):
+        return y
+    return ops.slice(y, (0, r0, c0, 0), (y.shape[0], r1 - r0, c1 - c0, channels))
+
+
 def _raw_gram(features):
     """F^T F summed over the positions of (1, h, w, C) features: a tile's share of a Gram
     matrix before the whole image's normalisation."""
@@ -79,12 +89,12 @@ class TileNetwork:
                 continue
             (r0, r1), (c0, c1) = keep_range(rows, field, self.deepest), keep_range(
                 cols, field, self.deepest)
-            y = y[:, r0 - at[0]:_stop(r1, at[0]), c0 - at[1]:_stop(c1, at[1]), :]
+            y = _crop(y, r0 - at[0], _stop(r1, at[0]), c0 - at[1], _stop(c1, at[1]))
             at = (r0, c0)
             if layer.name in outputs:
                 (a0, a1), (b0, b1) = core_range(rows, field), core_range(cols, field)
                 found[layer.name] = ops.cast(
-                    y[:, a0 - r0:_stop(a1, r0), b0 - c0:_stop(b1, c0), :], "float32")
+                    _crop(y, a0 - r0, _stop(a1, r0), b0 - c0, _stop(b1, c0)), "float32")
         return [found[n] for n in outputs]
 
     # ---------------------------------------------------------------- on the host
@@ -107,31 +117,31 @@ class TileNetwork:
         stride = self.fields[name].stride
         return shape[0] // stride, shape[1] // stride
 
-    def stitched(self, image: np.ndarray, core: int, outputs) -> dict[str, np.ndarray]:
-        """The whole image's features at the conv layers `outputs`, (rows, columns, C) float32
-        each, assembled from the tiles' cores: what the network gives for the whole image.
-        Run eagerly, as losses.Objective computes its targets: once per run, not worth a
-        compile per window."""
-        maps = {}
+    def targets(self, image: np.ndarray, core: int, features=(), grams=()):
+        """The whole image's features at the conv layers `features`, (rows, columns, C)
+        float32 each, assembled from the tiles' cores, and its Gram matrices
+        F^T F / (H_l W_l) at the layers `grams`, float64, summed from the cores' shares: what
+        the network gives for the whole image. Two dicts by layer name."""
+        features, grams = tuple(features), tuple(grams)
+        maps, sums = {}, {n: 0.0 for n in grams}
         for tile, frames in self.tiles(image.shape, core):
-            parts = self.features(ops.convert_to_tensor(window(image, tile)), frames, outputs)
-            for name, part in zip(outputs, parts):
+            run = self.cached(("targets", frames, features, grams), lambda frames=frames: (
+                autodiff.once(lambda x: self._targets(x, frames, features, grams),
+                              self.variables)))
+            parts, shares = run(ops.convert_to_tensor(window(image, tile)))
+            for name, part in zip(features, parts):
                 part = ops.convert_to_numpy(part)[0]
                 if name not in maps:
                     maps[name] = np.zeros((*self.layer_shape(image.shape, name), part.shape[-1]),
                                           np.float32)
                 maps[name][core_slices(tile, self.fields[name].stride)] = part
-        return maps
+            for name, share in zip(grams, shares):
+                sums[name] = sums[name] + ops.convert_to_numpy(share).astype(np.float64)
+        return maps, {n: sums[n] / np.prod(self.layer_shape(image.shape, n)) for n in grams}
 
-    def grams(self, image: np.ndarray, core: int, outputs) -> dict[str, np.ndarray]:
-        """The whole image's Gram matrices F^T F / (H_l W_l) at the layers `outputs`, float64,
-        as sums of the cores' shares (eagerly, as `stitched`)."""
-        sums = {n: 0.0 for n in outputs}
-        for tile, frames in self.tiles(image.shape, core):
-            parts = self.features(ops.convert_to_tensor(window(image, tile)), frames, outputs)
-            for name, part in zip(outputs, parts):
-                sums[name] = sums[name] + ops.convert_to_numpy(_raw_gram(part)).astype(np.float64)
-        return {n: sums[n] / np.prod(self.layer_shape(image.shape, n)) for n in outputs}
+    def _targets(self, x, frames, features, grams):
+        found = dict(zip(features + grams, self.features(x, frames, features + grams)))
+        return [found[n] for n in features], [_raw_gram(found[n]) for n in grams]
 
 
 def window(image: np.ndarray, tile: Tile) -> np.ndarray:
@@ -180,8 +190,9 @@ class TiledValueAndGrad:
         # The targets, tile by tile like everything else.
         content_names = [n for n, _ in self.content_layers]
         style_names = [n for n, _ in self.style_layers]
-        targets = self.net.stitched(np.asarray(content, np.float32), core, content_names)
-        grams = [self.net.grams(np.asarray(s, np.float32), core, style_names) for s in styles]
+        targets, _ = self.net.targets(np.asarray(content, np.float32), core, content_names)
+        grams = [self.net.targets(np.asarray(s, np.float32), core, grams=style_names)[1]
+                 for s in styles]
         blend = normalised(cfg.style_blend, len(styles))
 
         # Per style layer, the weightings of its Gram matrices (None: plain; else a mask at
