@@ -52,6 +52,10 @@ def test_receptive_fields_follow_the_architecture():
         (1, 3), (1, 5), (2, 5 + 1 + 2 * 2), (2, 10 + 2 * 2)]
     assert all(f.size == 2 * f.margin + f.stride for f in fields.values())
     assert list(geometry.receptive_fields("vgg16")) == list(conv_layers("vgg16"))
+    # The halo comes from the deepest layer, in whatever order the layers are listed.
+    assert geometry.halo("vgg19", ["block5_conv1", "block1_conv1", "block4_conv2"]) == \
+        geometry.Halo(stride=16, before=80, after=70)
+    assert geometry.halo("vgg16", ["block3_conv1", "block1_conv1"]) == geometry.Halo(4, 12, 10)
 
 
 @pytest.mark.parametrize("network_name", ["vgg19", "vgg16"])
@@ -93,7 +97,7 @@ def test_cores_partition_every_layer_and_windows_cover_their_fields(length, core
     longer than core + both halos."""
     fields = geometry.receptive_fields("vgg19")
     fields = {n: f for n, f in fields.items() if n <= "block5_conv1"}
-    halo = geometry.Halo.of(fields["block5_conv1"])
+    halo = geometry.halo("vgg19", ["block5_conv1"])
     spans = geometry.spans(length, core, halo)
     assert all(s.start % 16 == 0 for s in spans)
     assert all(s.stop - s.start <= geometry.window_limit(core, halo) for s in spans)
@@ -125,16 +129,16 @@ def test_a_core_that_is_not_a_multiple_of_the_stride_names_the_nearest_valid_val
 # --------------------------------------------------------------------------- features
 
 
-@pytest.mark.parametrize("network_name, pooling, shape, core", [
-    ("vgg19", "max", (233, 213), 32),
-    ("vgg16", "avg", (197, 247), 48),
+@pytest.mark.parametrize("network_name, pooling, deepest, shape, core", [
+    ("vgg19", "max", "block5_conv1", (233, 213), 32),
+    ("vgg16", "avg", "block4_conv2", (171, 205), 24),
 ])
-def test_stitched_features_equal_the_whole_images_at_every_layer(network_name, pooling, shape,
-                                                                  core):
-    """Every conv layer up to block5_conv1 (odd sizes, so poolings floor at the ends): the
+def test_stitched_features_equal_the_whole_images_at_every_layer(network_name, pooling, deepest,
+                                                                  shape, core):
+    """Every conv layer up to the deepest (odd sizes, so poolings floor at the ends): the
     cores' features, put together, are what the network computes on the whole image, and the
     sums of the cores' Gram shares are the whole image's Gram matrices."""
-    names = [n for n in conv_layers(network_name) if n <= "block5_conv1"]
+    names = [n for n in conv_layers(network_name) if n <= deepest]
     _, extractor, _ = network(network_name, pooling, layers=names)
     image = np.random.default_rng(1).uniform(0, 255, (*shape, 3)).astype("float32")
     whole = extractor(model.preprocess(ops.convert_to_tensor(image[None])))

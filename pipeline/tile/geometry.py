@@ -53,12 +53,6 @@ def receptive_fields(network: str) -> dict[str, Field]:
     return fields
 
 
-def deepest(layers, network: str) -> str:
-    """The deepest of `layers` in `network`'s order: the one whose field sets the halo."""
-    order = list(receptive_fields(network))
-    return max(layers, key=order.index)
-
-
 def round_up(n: int, step: int) -> int:
     return -(-n // step) * step
 
@@ -96,6 +90,12 @@ class Halo:
     @classmethod
     def of(cls, field: Field) -> Halo:
         return cls(field.stride, round_up(field.margin, field.stride), field.margin)
+
+
+def halo(network: str, layers) -> Halo:
+    """The halo for an objective on `layers` of `network`: its deepest layer's field."""
+    fields = receptive_fields(network)
+    return Halo.of(fields[max(layers, key=list(fields).index)])
 
 
 def spans(length: int, core: int, halo: Halo) -> list[Span]:
@@ -158,12 +158,15 @@ class Frame:
 
 def keep_range(frame: Frame, field: Field, deepest_field: Field) -> tuple[int, int | None]:
     """The positions of a layer (relative to the window, at its stride) that the layers after
-    it still need: the core widened by what remains of the deepest field, rounded on the
-    start side to the deepest stride so that later poolings pair positions as in the whole.
-    None: up to the layer's natural end. Cropping each layer to this shrinks the work of the
-    deeper layers to the cone they need, instead of the whole window at every layer."""
+    it still need: the core widened by what remains of the deepest field. None: up to the
+    layer's natural end. Cropping each layer to this shrinks the work of the deeper layers to
+    the cone they need, instead of the whole window at every layer.
+
+    The crops keep every pooling pairing positions as in the whole image: what remains of the
+    field after pooling k is a sum of strides of 2^k or more, so the crop before it starts on
+    a multiple of 2^k pixels from the (aligned) core, an even position at its input."""
     rest = deepest_field.margin - field.margin  # a multiple of this layer's stride
-    lo = max(0, frame.core_start - round_up(rest, deepest_field.stride)) // field.stride
+    lo = max(0, frame.core_start - rest) // field.stride
     hi = None if frame.at_end else (frame.core_stop + rest) // field.stride
     return lo, hi
 

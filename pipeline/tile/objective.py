@@ -16,9 +16,9 @@ from pipeline.tile.geometry import (
     KERNEL,
     POOL,
     Frame,
-    Halo,
     Tile,
     core_range,
+    halo,
     keep_range,
     receptive_fields,
     tiling,
@@ -68,8 +68,9 @@ class TileNetwork:
             if not (conv and layer.name in self.fields or pool):
                 raise ValueError(f"layer {layer.name} is not one of {network}'s {KERNEL}x{KERNEL}"
                                  f" 'same' convolutions or {POOL}x{POOL} poolings")
-        self.deepest = self.fields[[la.name for la in self.layers if la.name in self.fields][-1]]
-        self.halo = Halo.of(self.deepest)
+        convs = [la.name for la in self.layers if la.name in self.fields]
+        self.halo = halo(network, convs)
+        self.deepest = self.fields[convs[-1]]
         self._compiled: dict = {}
 
     # ---------------------------------------------------------------- in keras.ops, traced
