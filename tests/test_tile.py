@@ -187,6 +187,13 @@ def whole_and_tiled(network_name, pooling, shape, masks=True, precision="float32
     return whole, tiled, x, objective
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _forget_networks():
+    """The networks kept for the tests that share them go when this module is done."""
+    yield
+    whole_and_tiled.cache_clear()
+
+
 def errors(network_name, pooling, shape, masks=True, precision="float32", core=CORE) -> dict:
     """Relative differences, tiled against whole: the total, each term, and the gradient
     (its largest difference over its largest entry)."""
