@@ -2,8 +2,10 @@
 side by side, peak memory in fresh processes, and the largest size one evaluation completes at.
 
     python benchmarks/bench_tiles.py                      # 512 px core 256, 1024 px core 512
-    python benchmarks/bench_tiles.py --memory             # + peak memory at 512..1536 px
+    python benchmarks/bench_tiles.py --speed 2048:1024    # the whole image needs ~14 GB here
+    python benchmarks/bench_tiles.py --speed "" --memory  # peak memory at 512..1536 px
     python benchmarks/bench_tiles.py --speed "" --largest 4096 --largest-core 1024
+    python benchmarks/bench_tiles.py --speed "" --eager-step 512
 
 Speed: the demo's run (random weights, default layers: the halo is block5_conv1's) at each
 size; whole (losses.Objective, autodiff.value_and_grad) and tiled evaluations alternate, so
