@@ -27,7 +27,7 @@ DEMO_ARGS += --set size=128 --set optimizer.iterations=60 --set checkpoint_every
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test demo run sweep overnight doctor status report estimate bench bench-eval bench-workers bench-estimate bench-methods bench-gpu lint clean
+.PHONY: help setup test demo run sweep overnight doctor status report estimate bench bench-eval bench-workers bench-estimate bench-methods bench-gpu bench-video lint clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml constraints.txt
 # README, Backends and GPUs); `make run KERAS_BACKEND=tensorflow ...` overrides. Tests keep
 # Keras's default.
 ifeq ($(GPU),1)
-demo run sweep overnight estimate doctor bench bench-eval bench-workers bench-estimate: export KERAS_BACKEND ?= jax
+demo run sweep overnight estimate doctor bench bench-eval bench-workers bench-estimate bench-video: export KERAS_BACKEND ?= jax
 endif
 
 setup: $(STAMP) ## create .venv and install everything; CUDA builds on NVIDIA machines (GPU=0/1)
@@ -105,6 +105,9 @@ bench-eval: $(STAMP) ## seconds per evaluation only: make bench-eval ARGS="--siz
 
 bench-workers: $(STAMP) ## runs per hour by --workers only: make bench-workers ARGS="--workers 1 2 4"
 	$(PY) benchmarks/bench_workers.py $(ARGS)
+
+bench-video: $(STAMP) ## video: s/frame (flow vs stylisation), flicker with/without the temporal term
+	$(PY) benchmarks/bench_video.py $(ARGS)
 
 bench-estimate: $(STAMP) ## the estimate against real runs: make bench-estimate ARGS="--sizes 256 512"
 	$(PY) benchmarks/bench_estimate.py $(ARGS)

@@ -1,9 +1,10 @@
 """How good is the estimate? Real runs (random weights) at a few sizes, each in a fresh
 process through `python -m pipeline run`, against the estimate from this machine's calibration:
-peak memory (the kernel's peak RSS of the run's process, on the CPU) and seconds per iteration
-(median of the trace's intervals, the first iteration left out).
+peak memory (the kernel's peak RSS of the run's process, VmHWM, on the CPU) and seconds per
+iteration (median of the trace's intervals, the first iteration left out).
 
     python benchmarks/bench_estimate.py [--sizes 192 384 512] [--iterations 4]
+        [--method lbfgs --history 100] [--style-scale 4] [--checkpoints]
 """
 
 from __future__ import annotations
@@ -26,16 +27,22 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline import batch, config, estimate  # noqa: E402
 
-MEASURE = ("import resource, sys\nfrom pipeline.cli import main\nrc = main(sys.argv[1:])\n"
-           "print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
+MEASURE = ("import sys\nfrom pipeline.cli import main\nrc = main(sys.argv[1:])\n"
+           "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
+           "print('peak', int(hwm.split()[1]) * 1024)\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[192, 384, 512])
     parser.add_argument("--iterations", type=int, default=4)
+    parser.add_argument("--method", default="scipy", choices=("scipy", "lbfgs", "adam"))
+    parser.add_argument("--history", type=int, help="optimizer.history (default: the method's)")
+    parser.add_argument("--style-scale", type=float, default=1.0)
+    parser.add_argument("--checkpoints", action="store_true",
+                        help="a checkpoint at the last iteration, as a run takes them")
     args = parser.parse_args()
-    cal = estimate.calibration(print)
+    cal = estimate.calibration(print, {"method": args.method})
     print(f"calibration: {cal['device']}, memory {cal['memory'][0] / 1e9:.3f} GB + "
           f"{cal['memory'][1]:.0f} B/pixel, time {cal['seconds'][0]:.3f} s + "
           f"{cal['seconds'][1] * 1e6:.2f} us/pixel per iteration")
@@ -53,8 +60,10 @@ def main() -> None:
             path.write_text(yaml.safe_dump({
                 "name": f"s{size}", "output_dir": str(folder / "out"),
                 "content": str(folder / "content.png"), "style": str(folder / "style.png"),
-                "size": size, "model": {"weights": "random"},
-                "optimizer": {"iterations": args.iterations}, "checkpoint_every": 0}))
+                "size": size, "model": {"weights": "random"}, "style_scale": args.style_scale,
+                "optimizer": {"iterations": args.iterations, "method": args.method,
+                              "history": args.history},
+                "checkpoint_every": args.iterations if args.checkpoints else 0}))
             (job,) = batch.plan(config.load(path))
             guess = estimate.estimate(job.cfg, job.run_id, cal, float("inf"))
             proc = subprocess.run(

@@ -2,8 +2,8 @@
 its folder. A completed run is skipped, an interrupted one resumes from its last checkpoint,
 a failed one starts again; one run's failure is recorded and never ends the others.
 
-TensorFlow is imported only when a run starts (in run_one), so that planning, the parent of
-a worker pool, `status` and `report` stay light.
+TensorFlow is imported only when a run starts (in run_one, through framework.load), so that
+planning, the parent of a worker pool, `status` and `report` stay light.
 """
 
 from __future__ import annotations
@@ -129,6 +129,9 @@ def run_one(
 
 
 def _run_locked(job, folder, on_step, should_stop) -> Outcome:
+    from pipeline import framework
+
+    framework.load()  # TensorFlow's start-up lines filtered, in whichever process runs this
     from pipeline.stylize import stylize
 
     cfg = job.cfg
@@ -167,6 +170,8 @@ def _run_locked(job, folder, on_step, should_stop) -> Outcome:
     def record(step: optimize.Step):
         folder.append_trace(runs.trace_row(step))
         last_step[:] = [step]
+        # The run's first loss: from its first evaluation, or kept by the checkpoint resumed.
+        metrics["initial_loss"] = step.initial or metrics["initial_loss"]
         if cfg.checkpoint_every and step.iteration % cfg.checkpoint_every == 0:
             _checkpoint(folder, step, text, plan)
             metrics.update(iterations=step.iteration, evaluations=step.evaluations,
@@ -205,19 +210,22 @@ def _run_locked(job, folder, on_step, should_stop) -> Outcome:
             iterations=result.iterations,
             evaluations=result.evaluations,
             seconds=round(result.seconds, 3),
-            initial_loss=metrics["initial_loss"] or result.initial,
+            initial_loss=result.initial or metrics["initial_loss"],
             loss=best,
             result=str(folder.result),
         )
         if status == "failed":
             metrics["error"] = result.message
         folder.write_metrics(metrics)
+        if status != "interrupted":  # only an interrupted run resumes from its state
+            folder.remove_state()
     except Exception as e:  # one run's failure, whatever it is, must not end a batch
         error = describe_error(e, cfg)
         metrics.update(status="failed", error=error, traceback=traceback.format_exc())
         try:
             if folder.path.exists():
                 folder.write_metrics(metrics)
+                folder.remove_state()  # a failed run starts again from the beginning
         except OSError as again:  # the disk that failed the run may refuse this too
             log.error("%s: cannot record its failure in %s: %s", job.run_id, folder.metrics,
                       again)
@@ -261,11 +269,14 @@ def _done(step: optimize.Step) -> tuple[int, int, float]:
 
 def _checkpoint(folder, step: optimize.Step, text: dict, plan: list) -> None:
     """The stage goes into the state (a resume continues it) and, in a run of several
-    stages, into the PNG's name: `stage2_iter_000150.png`."""
+    stages, into the PNG's name: `stage2_iter_000150.png`. So does the run's first loss
+    (`initial.<term>`): metrics.json's initial_loss after a kill and a resume."""
     label = f"stage{step.stage}_" if len(plan) > 1 else ""
-    # A device optimiser's state (optimizer.method lbfgs, adam) too: its resume is exact.
+    # The optimiser's state too: a device optimiser's (lbfgs, adam) makes its resume exact;
+    # scipy's is its best image, which the next stage starts from.
     saved = step.state() if step.state is not None else {}
-    extra = {"stage": step.stage, **{optimize.STATE_PREFIX + k: v for k, v in saved.items()}}
+    extra = {"stage": step.stage, **{optimize.STATE_PREFIX + k: v for k, v in saved.items()},
+             **{f"initial.{k}": v for k, v in (step.initial or {}).items()}}
     folder.save_checkpoint(step.image, _done(step), text, extra, label)
 
 

@@ -17,7 +17,7 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from pipeline import batch, config, estimate, runs, scales, weights
+from pipeline import batch, config, estimate, framework, runs, scales, weights
 from pipeline.progress import Progress
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -92,6 +92,7 @@ def main(argv=None) -> int:
 def _main(argv) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    framework.quiet_logs()  # for this process and the ones it starts (workers, calibration)
     if args.command == "doctor":
         from pipeline import doctor
 
@@ -136,8 +137,13 @@ def _validate(cfg: config.Config) -> int:
 
 def _estimate(cfg: config.Config, workers: int) -> int:
     jobs = batch.plan(cfg)
-    estimates = estimate.for_jobs(jobs, workers, log=log.info)
+    unreadable = {}
+    estimates = estimate.for_jobs(jobs, workers, log=log.info,
+                                  on_skip=lambda job, why: unreadable.update({job.run_id: why}))
     for job in jobs:
+        if job.run_id in unreadable:
+            print(f"{job.run_id}  no estimate: {unreadable[job.run_id]}")
+            continue
         one = estimates[job.run_id]
         fits = "fits" if one.fits else f"does NOT fit: largest size {one.largest_size}"
         print(f"{job.run_id}  {one.line().removeprefix('estimate: ')}  {fits}")
@@ -145,21 +151,25 @@ def _estimate(cfg: config.Config, workers: int) -> int:
 
 
 def _estimates(jobs, workers: int) -> dict:
-    """Each run's estimate, its line logged when the run starts. A single run that cannot
-    fit in memory is a usage error (exit 2, nothing started); in a batch, see _refuse."""
+    """Each run's estimate, its line logged when the run starts. Completed runs need none
+    (a batch that is all done calibrates nothing); a run whose images cannot be read gets
+    none and fails by itself when it runs. A single run that cannot fit in memory is a usage
+    error (exit 2, nothing started); in a batch, see _refuse."""
     if estimate.skipped():
         return {}
+    todo = [job for job in jobs
+            if (batch.folder_of(job).read_metrics() or {}).get("status") != "completed"]
     try:
-        estimates = estimate.for_jobs(jobs, workers, log=log.info)
+        estimates = estimate.for_jobs(todo, workers, log=log.info)
     except estimate.EstimateError as e:  # no estimate is no reason to keep a batch from running
         log.warning("estimate unavailable, running without the memory check: %s", e)
         return {}
-    for job in jobs:
-        job.estimate = estimates[job.run_id].line()
-    one = estimates[jobs[0].run_id] if len(jobs) == 1 else None
+    for job in todo:
+        if job.run_id in estimates:
+            job.estimate = estimates[job.run_id].line()
+    one = estimates.get(jobs[0].run_id) if len(jobs) == 1 else None
     if one and not one.fits:
-        if (batch.folder_of(jobs[0]).read_metrics() or {}).get("status") != "completed":
-            raise config.ConfigError(one.refusal())
+        raise config.ConfigError(one.refusal())
     return estimates
 
 
@@ -179,7 +189,8 @@ def _run(cfg: config.Config, args) -> int:
         cores = hardware.usable_cores()
         args.workers, why = hardware.choose_workers(
             cores, hardware.free_cores(cores, hardware.load_average()),
-            len(hardware.driver_gpus()), len(jobs), hardware.memory_bytes(available=True))
+            len(hardware.driver_gpus()), len(jobs), hardware.memory_bytes(available=True),
+            on_device=bool(jobs) and all(j.cfg.optimizer.method != "scipy" for j in jobs))
         log.info("--workers auto: %d (%s)", args.workers, why)
     if args.dry_run:
         for job in jobs:
@@ -190,7 +201,6 @@ def _run(cfg: config.Config, args) -> int:
         print(f"# {len(jobs)} run(s) in {exp}{busy}", file=sys.stderr)
         return EXIT_OK
     _check_weights(jobs)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
     # Calibrated on this machine: it says nothing of a Ray cluster's nodes.
     estimates = _estimates(jobs, args.workers) if args.executor == "local" else {}
     with runs.experiment_lock(exp):

@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline import batch, config, runs, workers
+from pipeline import batch, config, runs, scales, workers
 
 log = logging.getLogger("pipeline")
 
@@ -45,6 +45,10 @@ NAMESPACE = "style-pipeline"
 TASK_RETRIES = 3  # Ray's re-executions of a run whose worker or node died
 POLL_SECONDS = 0.5  # how often the driver looks at its tasks and at the stop signal
 PROBE_SECONDS = 120  # for every node to answer the storage probe (a node may start workers)
+# For a cluster's address to answer before ray.init is called: ray.init itself retries an
+# address where nothing answers for a quarter of an hour (20 tries of ~40 s), with no timeout.
+CONNECT_SECONDS = 5  # a TCP connection (refused at once where nothing listens)
+GRPC_SECONDS = 10  # then an HTTP/2 (gRPC) connection, which a Ray cluster's GCS accepts
 # What a task's process must see as the driver does, whatever its node was started with.
 FORWARDED = ("KERAS_BACKEND", "PIPELINE_OFFLINE", "TF_CPP_MIN_LOG_LEVEL")
 
@@ -81,8 +85,11 @@ class RayExecutor:
         options = ({"address": self.address} if self.address else
                    {"address": "local", "include_dashboard": False,
                     "_node_ip_address": "127.0.0.1"})
+        connected = ray.is_initialized()  # a second batch in one process keeps its connection
+        if self.address and not connected:
+            check_address(self.address)
         try:
-            if not ray.is_initialized():  # a second batch in one process keeps its connection
+            if not connected:
                 ray.init(namespace=NAMESPACE, log_to_driver=True, **options)
         except (ConnectionError, ValueError, RuntimeError) as e:
             hint = ("" if os.environ.get("RAY_AUTH_MODE") else
@@ -167,8 +174,9 @@ class RayExecutor:
             written.unlink(missing_ok=True)
         if problems:
             raise config.ConfigError(
-                f"output_dir {exp.parent} and the input images must be shared by every node "
-                f"of the Ray cluster (the same paths, e.g. one NFS mount): {'; '.join(problems)}")
+                f"output_dir {exp.parent} and the input files (images, masks, weights) must be "
+                f"shared by every node of the Ray cluster (the same paths, e.g. one NFS mount): "
+                f"{'; '.join(problems)}")
         no_flock = [a["host"] for a in answers if a["flock"] == "unsupported"]
         weak = [a["host"] for a in answers if a["flock"] == "not exclusive"]
         if no_flock:
@@ -269,7 +277,10 @@ def run_task(job: batch.Planned, flag, lock: bool) -> batch.Outcome | None:
     if not folder.path.parent.is_dir():  # a node that joined after the probe
         return batch.Outcome(job.run_id, "failed", folder, f"{folder.path.parent} is not "
                              f"visible on node {socket.gethostname()}: output_dir must be shared")
-    progress = Progress(job.run_id, job.cfg.optimizer.iterations, job.cfg.log_every, bar=False)
+    # Iterations are numbered across the stages of coarse to fine (scales.py): the total is
+    # theirs, as in the local executors' progress.
+    progress = Progress(job.run_id, scales.total_iterations(job.cfg), job.cfg.log_every,
+                        bar=False)
     return batch.run_one(job, progress, stopped.done, lock=lock)
 
 
@@ -302,6 +313,78 @@ def probe_node(exp: str, token: str, inputs: list[str]) -> dict:
     return answer
 
 
+def check_address(address: str) -> None:
+    """Raise ConfigError (exit 2) unless a Ray cluster answers at `address` within seconds:
+    a wrong address, or `auto` reading the session file a Ray that has died left behind,
+    would otherwise keep ray.init waiting for a quarter of an hour."""
+    where = _bootstrap_address(address)
+    host, _, port = where.rpartition(":")
+    host = host.strip("[]")  # an IPv6 address: [::1]:6379
+    try:
+        with socket.create_connection((host, int(port)), timeout=CONNECT_SECONDS):
+            pass
+    except (OSError, ValueError) as e:
+        raise config.ConfigError(_unreachable(address, where, _connect_error(e))) from None
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return  # a TLS cluster: the plain HTTP/2 check below cannot speak to it
+    try:
+        import grpc
+    except ImportError:
+        return
+    channel = grpc.insecure_channel(where)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=GRPC_SECONDS)
+    except grpc.FutureTimeoutError:
+        raise config.ConfigError(_unreachable(
+            address, where, f"something listens there, but no Ray cluster: no gRPC answer in "
+                            f"{GRPC_SECONDS} s; the head's `ray start` prints the GCS address "
+                            f"to use, not the dashboard's")) from None
+    finally:
+        channel.close()
+
+
+def _bootstrap_address(address: str) -> str:
+    """HOST:PORT that ray.init would connect to for `address`, by Ray's own rules: `auto`
+    reads RAY_ADDRESS or the session file the last `ray start` wrote on this machine."""
+    if address.startswith("ray://"):  # Ray Client: its server's own address
+        return address.removeprefix("ray://").partition("/")[0]
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:  # moved in another Ray version: check the address as given
+        return address
+    try:
+        return canonicalize_bootstrap_address(address) or address
+    except ConnectionError:  # `auto` with nothing found
+        raise config.ConfigError(
+            f"--address {address}: no Ray cluster was started on this machine; "
+            f"{_HOW_TO_START}") from None
+    except ValueError as e:
+        raise config.ConfigError(f"--address {address}: {_first_line(e)}") from None
+
+
+_HOW_TO_START = ("start one with `ray start --head` (and `ray start --address=HEAD:PORT` on each "
+                 "other machine), or leave out --address for a new local instance")
+
+
+def _unreachable(address: str, where: str, reason: str) -> str:
+    if address == "auto":  # resolved from RAY_ADDRESS or a session file
+        return (f"--address auto: no Ray cluster answers at {where}, the address it found on "
+                f"this machine ({reason}): a stale session of a Ray that has stopped? "
+                f"`ray stop` clears it; then {_HOW_TO_START}")
+    there = "there" if where == address else f"at {where}"  # Ray's own for 127.0.0.1
+    return f"--address {address}: no Ray cluster answers {there} ({reason}); {_HOW_TO_START}"
+
+
+def _connect_error(e: Exception) -> str:
+    if isinstance(e, socket.timeout):
+        return f"no answer in {CONNECT_SECONDS} s"
+    if isinstance(e, socket.gaierror):
+        return f"unknown host: {e.strerror or e}"
+    if isinstance(e, ValueError):
+        return "expected HOST:PORT"
+    return (e.strerror or str(e)).lower()
+
+
 def _fits(resources: dict, cpus: float, gpus: float) -> int:
     """How many runs of `cpus` and `gpus` a node of these resources holds at once."""
     counts = [math.floor(resources.get("CPU", 0) / cpus + 1e-9)]
@@ -311,8 +394,11 @@ def _fits(resources: dict, cpus: float, gpus: float) -> int:
 
 
 def _inputs(cfg: config.Config) -> list[str]:
-    """The files a run reads, which every node must see at the same path."""
-    paths = [cfg.content, *cfg.style]
+    """The files a run reads, which every node must see at the same path: the images, the
+    masks, an init image and a weights file."""
+    paths = [cfg.content, *cfg.style, *(m for m in cfg.style_masks or [] if m is not None)]
+    if cfg.content_mask is not None:
+        paths.append(cfg.content_mask)
     if cfg.init not in config.INIT_KINDS:
         paths.append(cfg.init)
     if cfg.model.weights not in config.WEIGHT_KINDS:

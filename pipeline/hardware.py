@@ -5,6 +5,7 @@ workers share a GPU's memory."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -28,24 +29,53 @@ GPU_MEMORY_SHARING = {"TF_FORCE_GPU_ALLOW_GROWTH": "true", "XLA_PYTHON_CLIENT_PR
 GPU_MEMORY_VARIABLES = (*GPU_MEMORY_SHARING, "XLA_PYTHON_CLIENT_MEM_FRACTION",
                         "XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_ALLOCATOR",
                         "CUDA_VISIBLE_DEVICES")
-# CPU features that decide convolution speed (bfloat16 and matrix units).
+# CPU features doctor shows (bfloat16 and matrix units): a hint, not a prediction; bfloat16's
+# speed is measured (doctor._precision_speed).
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                     "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "XLA_FLAGS")
 
 
-def driver_gpus() -> list[str]:
-    """The GPUs the NVIDIA driver lists (`nvidia-smi -L` lines), whatever a framework can
-    use; [] without a driver."""
-    if not shutil.which("nvidia-smi"):
-        return []
+def nvidia_gpus() -> list[dict]:
+    """The GPUs the NVIDIA driver lists, whatever a framework can use: index (text, as
+    CUDA_VISIBLE_DEVICES names it), name, memory in bytes (None if not reported) and uuid;
+    [] without a driver. nvidia-smi is asked once per process (and PATH): it takes a few
+    hundred milliseconds, and a sweep's estimate would otherwise ask it for every run."""
+    return [dict(gpu) for gpu in _nvidia_smi(os.environ.get("PATH", os.defpath))]
+
+
+@functools.cache
+def _nvidia_smi(search_path: str) -> tuple[dict, ...]:
+    program = shutil.which("nvidia-smi", path=search_path)
+    if not program:
+        return ()
     try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run([program, "--query-gpu=index,name,memory.total,uuid",
+                              "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
-        return []
+        return ()
     if out.returncode != 0:
-        return []
-    return [line.strip() for line in out.stdout.splitlines() if line.startswith("GPU")]
+        return ()
+    gpus = []
+    for line in out.stdout.splitlines():
+        index, _, rest = line.partition(",")
+        fields = rest.rsplit(",", 2)  # a name with a comma in it stays whole
+        if len(fields) != 3:
+            continue
+        name, memory, uuid = (field.strip() for field in fields)
+        try:
+            memory_bytes = int(float(memory)) * 2**20  # MiB
+        except ValueError:  # "[N/A]"
+            memory_bytes = None
+        gpus.append({"index": index.strip(), "name": name, "memory": memory_bytes,
+                     "uuid": uuid})
+    return tuple(gpus)
+
+
+def driver_gpus() -> list[str]:
+    """The driver's GPUs as `nvidia-smi -L` lists them ("GPU 0: NVIDIA H100 (UUID: ...)")."""
+    return [f"GPU {g['index']}: {g['name']} (UUID: {g['uuid']})" for g in nvidia_gpus()]
 
 
 def gpus_hidden() -> bool:
@@ -96,36 +126,32 @@ def cpu_flags() -> set[str] | None:
     return None
 
 
-def bfloat16_hint(backend: str, device: str, flags: set[str] | None) -> str | None:
-    """On a CPU that computes bfloat16 natively (AVX512_BF16, AMX), TensorFlow runs the
-    network in model.precision: bfloat16 about 1.6x faster than in float32 (README, Speed).
-    Not on JAX: XLA's CPU backend gains nothing from it (0.9x measured)."""
-    if backend != "tensorflow" or device != "cpu" or not flags:
-        return None
-    if not {"avx512_bf16", "amx_bf16"} & flags:
-        return None
-    return ("this CPU computes bfloat16 natively: model.precision: bfloat16 runs the network "
-            "about 1.6x faster with TensorFlow")
-
-
 def free_cores(cores: int, load: float) -> int:
     """Cores not already busy: `load` is the 1-minute load average of the whole machine."""
     return min(cores, max(1, cores - round(load)))
 
 
-def choose_workers(cores: int, free: int, gpus: int, runs: int,
-                   memory: int | None) -> tuple[int, str]:
+def choose_workers(cores: int, free: int, gpus: int, runs: int, memory: int | None,
+                   on_device: bool = False) -> tuple[int, str]:
     """How many worker processes to run `runs` runs in, and why, in words.
 
     scipy's L-BFGS-B keeps a run on the host between evaluations, one core each, so one GPU
     serves about as many workers as there are free cores; every GPU gets at least one.
+    `on_device`: every run is lbfgs or adam, whose iterations run whole on the GPU, many per
+    compiled call, the host idle meanwhile: a second worker on a GPU only splits it (and its
+    memory: each run holds its own network, activations and history there, so the estimate
+    would give each a share and refuse runs that fit alone). One worker per GPU then.
     Without a GPU, one single-threaded worker per free core: workers beyond the free cores
     fight for them (2 cores, 64 px: 2 workers made 1.26x the runs of 1 on an idle machine,
     0.67x while other processes kept both cores busy). Free memory (2.5 GiB per worker) and
     the number of runs cap the count.
     """
     busy = f" ({cores - free} busy with other work)" if free < cores else ""
-    if gpus:
+    if gpus and on_device:
+        n = gpus
+        why = [f"{free} free core(s) of {cores}{busy} and {gpus} GPU(s), every run lbfgs or "
+               "adam (on the GPU, the host idle): one worker per GPU"]
+    elif gpus:
         n = max(free, gpus)
         why = [f"{free} free core(s) of {cores}{busy} and {gpus} GPU(s): one worker per free "
                "core, sharing the GPU(s)"]
@@ -135,7 +161,7 @@ def choose_workers(cores: int, free: int, gpus: int, runs: int,
                "free core"]
     if memory is not None and n > max(1, memory // WORKER_MEMORY):
         n = max(1, memory // WORKER_MEMORY)
-        why.append(f"capped at {n} by {memory / 2**30:.0f} GiB of free memory "
+        why.append(f"capped at {n} by {memory / 2**30:.1f} GiB of free memory "
                    f"({WORKER_MEMORY / 2**30:g} GiB per worker)")
     if n > max(1, runs):
         n = max(1, runs)

@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
+from pipeline.config import long_side_shape
+
 MAX_PIXELS = 100_000_000
 
 # Modes that hold more than 8 bits per sample; Pillow's convert("RGB") would clip
@@ -97,17 +99,26 @@ def load_image(path, background=(255, 255, 255), max_pixels=MAX_PIXELS) -> np.nd
     return np.asarray(img.convert("RGB"), dtype=np.float32)
 
 
+def read_size(path) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding its pixels; ImageError
+    naming the file when it is not an image Pillow can open (a truncated one passes: its
+    header is whole)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return img.size
+    except Image.DecompressionBombError as exc:
+        raise _error(path, f"image too large ({exc})") from None
+    except _DECODE_ERRORS as exc:
+        raise _error(path, f"not a readable image ({_reason(exc)})") from None
+
+
 def resize_long_side(img: np.ndarray, size: int) -> np.ndarray:
     """Scale `img` (H, W, C) so that its longer side is `size` pixels (Lanczos)."""
     if size < 1:
         raise ValueError(f"size must be at least 1, not {size}")
-    h, w = img.shape[:2]
-    if max(h, w) == size:
-        return img
-    scale = size / max(h, w)
-    if w >= h:
-        return resize_to(img, (max(1, round(h * scale)), size))
-    return resize_to(img, (size, max(1, round(w * scale))))
+    return resize_to(img, long_side_shape(*img.shape[:2], size))
 
 
 def resize_to(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -142,8 +153,9 @@ def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _atomic_open(path):
-    """Yield a binary file that replaces `path` only once everything was written.
+def atomic_open(path):
+    """Yield a binary file that replaces `path` only once everything was written (for a
+    writer that streams; atomic_write for data already in memory).
 
     The data goes to a temporary file in the same folder (os.replace is atomic
     only within one file system), is flushed to disk, then renamed over `path`.
@@ -169,7 +181,7 @@ def atomic_write(path, data: bytes | str) -> None:
     """Write bytes (or str, as UTF-8) to `path` so that it is never half-written."""
     if isinstance(data, str):
         data = data.encode("utf-8")
-    with _atomic_open(path) as f:
+    with atomic_open(path) as f:
         f.write(data)
 
 
@@ -179,7 +191,7 @@ def save_png(path, img: np.ndarray, text: dict[str, str] | None = None) -> None:
     info = PngInfo()
     for key, value in (text or {}).items():
         info.add_text(key, value)  # falls back to iTXt for non-Latin-1 text
-    with _atomic_open(path) as f:
+    with atomic_open(path) as f:
         Image.fromarray(pixels).save(f, format="PNG", pnginfo=info)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from keras import ops
 
-from pipeline.config import style_weights
+from pipeline.config import normalised, style_weights
 from pipeline.model import preprocess
 
 
@@ -74,10 +74,16 @@ def total_variation(x):
     )
 
 
-def normalised(weights, count: int) -> list[float]:
-    """Layer or blend weights scaled to sum to 1 (equal when None)."""
-    w = np.ones(count) if weights is None else np.asarray(weights, dtype=np.float64)
-    return list(w / w.sum())
+def temporal_loss(x, warped, weights):
+    """Ruder et al.'s temporal term: sum over pixels of c (x - w)^2 / D, for the generated image
+    x (H, W, 3), previous stylised frames warped onto it w (H, W, 3) or (K, H, W, 3), their
+    consistency weights c (H, W) or (K, H, W), and D = H W 3 the number of values (a mean, as
+    his MSE is). The weights are per pixel, broadcast over the channels, and multiply each
+    squared difference before the sum. (cysmith/neural-style-tf's video mode calls
+    tf.nn.l2_loss(x - w), which sums to one number first, so its mask scales the whole term.)
+    With K frames (long-term constraints) their terms add up, as Ruder's one loss per frame."""
+    d = ops.square(x - warped) * weights[..., None]
+    return ops.sum(d) / (x.shape[0] * x.shape[1] * x.shape[2])
 
 
 def weighted_layers(cfg) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
@@ -93,16 +99,19 @@ class Objective:
 
     Calling it runs VGG19 on the generated image alone: the content features and style
     Gram matrices are constants of the run, so they are not recomputed per evaluation.
-    Returns (total, terms), the terms unweighted: content, style and tv.
+    Returns (total, terms), the terms unweighted: content, style and tv (and temporal, for a
+    video frame).
     """
 
     terms = ("content", "style", "tv")  # the keys of the terms, in this order
 
     def __init__(self, extractor, layer_names, cfg, content, styles, style_masks=None,
-                 content_mask=None):
+                 content_mask=None, temporal=None):
         """content (H, W, 3) and styles [(h, w, 3), ...] are RGB arrays in 0..255; masks are
         (H, W) arrays in 0..1 at the content's shape: one per style (None: everywhere), or
-        style_masks None for the blended objective."""
+        style_masks None for the blended objective. temporal, for a frame of a video: (warped,
+        weights, temporal_weight) as temporal_loss takes them, at the content's shape; it adds
+        the term `temporal` (None: the objective is an image's, unchanged)."""
         self.extractor = extractor
         self.index = {name: i for i, name in enumerate(layer_names)}
         loss = cfg.loss
@@ -133,6 +142,13 @@ class Objective:
                 masks = {} if m is None else pooled(m, style_names)
                 self.regions.append((b, {n: (masks.get(n), gram(f[self.index[n]]))
                                          for n in style_names}))
+        self.temporal = None
+        if temporal is not None:
+            warped, weights, temporal_weight = temporal
+            self.temporal = (ops.convert_to_tensor(np.asarray(warped, "float32")),
+                             ops.convert_to_tensor(np.asarray(weights, "float32")),
+                             float(temporal_weight))
+            self.terms = (*Objective.terms, "temporal")
 
     def _features(self, images):
         """Per image, the list of its feature maps (each (1, h, w, c)), batching equal shapes."""
@@ -160,7 +176,12 @@ class Objective:
         tv = total_variation(x)
         cw, sw, tw = self.weights
         total = cw * content + sw * style + tw * tv
-        return total, {"content": content, "style": style, "tv": tv}
+        terms = {"content": content, "style": style, "tv": tv}
+        if self.temporal is not None:
+            warped, weights, temporal_weight = self.temporal
+            terms["temporal"] = temporal_loss(x, warped, weights)
+            total = total + temporal_weight * terms["temporal"]
+        return total, terms
 
     def _content(self, features, name):
         if self.content_masks is None:

@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 
-from pipeline import hardware
+from pipeline import framework, hardware
 
 log = logging.getLogger("pipeline")
 _worker: dict = {}  # this worker's settings, filled by _init
@@ -45,7 +45,7 @@ def _init(slots, stop, parent_pid: int, gpus: list[str], threads: int, log_file:
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
     os.environ.update(thread_caps(threads, os.environ))
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    framework.quiet_logs()
     memory = hardware.share_gpu_memory()  # workers on one GPU must not each take all of it
     # Ctrl-C reaches every process of the terminal's group: the parent decides, through
     # `stop`. A SIGTERM sent to this worker alone (by a user, or by the pool when another

@@ -1,6 +1,14 @@
 """Shared test set-up: no test may reach the network, so ImageNet weights are never fetched
-(PIPELINE_OFFLINE) and Keras's cache is a private empty folder."""
+(PIPELINE_OFFLINE) and Keras's cache is a private empty folder.
 
+The estimate runs as it does for users: every `run` in a test estimates its runs first. Its
+calibration is measured once per setup for the whole session, into a session folder
+(PIPELINE_CACHE_DIR), at small sizes (PIPELINE_CALIBRATION_SIZES: each calibration run costs
+mostly the framework's start-up, ~8 s on 2 cores, whatever the size). The estimate's accuracy
+tests calibrate at the real sizes (tests/test_estimate.py). A test that turns the estimate off
+says why, where it does."""
+
+import atexit
 import os
 import shutil
 import subprocess
@@ -15,10 +23,11 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ["PIPELINE_OFFLINE"] = "1"
-# The memory estimate calibrates once per machine (~30 s); only its own tests pay for it.
-os.environ.setdefault("PIPELINE_SKIP_ESTIMATE", "1")
+os.environ.pop("PIPELINE_SKIP_ESTIMATE", None)  # the user's path, whatever the shell says
+os.environ["PIPELINE_CACHE_DIR"] = SESSION_CACHE = tempfile.mkdtemp(prefix="pipeline-cache-")
+atexit.register(shutil.rmtree, SESSION_CACHE, ignore_errors=True)
+os.environ["PIPELINE_CALIBRATION_SIZES"] = SMALL_CALIBRATION = "32,48"
 os.environ.setdefault("KERAS_HOME", tempfile.mkdtemp(prefix="keras-home-"))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if shutil.which("nvidia-smi"):  # the test process and the runs it starts share one GPU
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

@@ -92,15 +92,15 @@ def grid(tmp_path_factory):
 
 
 def test_dry_run_lists_the_runs_and_runs_nothing(tmp_path):
-    path = write_sweep(tmp_path, "dry", sweep={"size": [16, 24], "loss.tv_weight": [0, 1, 2]})
+    path = write_sweep(tmp_path, "dry", sweep={"size": [24, 32], "loss.tv_weight": [0, 1, 2]})
     proc = run_cli("run", path, "--dry-run")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) == 6
     # Sorted keys (loss.tv_weight before size), the last key changing fastest.
     assert [line.split()[1:] for line in lines[:3]] == [
-        ["loss.tv_weight=0", "size=16"], ["loss.tv_weight=0", "size=24"],
-        ["loss.tv_weight=1", "size=16"]]
+        ["loss.tv_weight=0", "size=24"], ["loss.tv_weight=0", "size=32"],
+        ["loss.tv_weight=1", "size=24"]]
     assert len({line.split()[0] for line in lines}) == 6
     assert "6 run(s)" in proc.stderr
     assert not (tmp_path / "out").exists()
@@ -245,6 +245,31 @@ def test_a_broken_image_fails_its_run_and_the_batch_goes_on(tmp_path):
     status = run_cli("status", exp)
     assert "3 completed" in status.stdout and "failed" not in status.stdout.split("(")[0]
     assert "1 older run folder(s)" in status.stdout
+
+
+def test_a_file_that_is_no_image_among_the_photos_fails_only_its_run(tmp_path):
+    """The estimate reads every content image's header before any run starts: one it cannot
+    read gets no estimate, and its run fails by itself, naming the file, while the others
+    complete (exit 1). A .jpg that is really text, and a notes file the glob also matches."""
+    path = write_sweep(tmp_path, "glob", content="photos/*")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for stem in ("a", "c"):
+        write_image(photos / f"{stem}.jpg", (30, 30), seed=3)
+    (photos / "b.jpg").write_text("not a photo: a text file saved as .jpg\n")
+    (photos / "notes.txt").write_text("shot on a sunny day\n")
+    proc = run_cli("run", path)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "2 completed, 2 failed" in proc.stderr
+    by_content = {m["swept"]["content"]: m for m in metrics_of(tmp_path / "out" / "glob").values()}
+    assert {k: m["status"] for k, m in by_content.items()} == {
+        "a": "completed", "b": "failed", "c": "completed", "notes": "failed"}
+    assert "b.jpg: not a readable image" in by_content["b"]["error"]
+    assert "notes.txt: not a readable image" in by_content["notes"]["error"]
+    estimated = [line for line in proc.stderr.splitlines() if ": estimate: " in line]
+    assert sorted(line.split(":")[0] for line in estimated) == sorted(
+        by_content[k]["run_id"] for k in "ac")
 
 
 def test_out_of_memory_names_the_size_and_a_smaller_one(tmp_path):

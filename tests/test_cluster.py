@@ -8,6 +8,7 @@ the command line is the driver where signals and exit codes are the point."""
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -112,6 +113,55 @@ def iterations(exp, run_id):
     return [row["iteration"] for row in RunFolder(exp / run_id).read_trace()]
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_running_here():
+    """Whether a Ray node runs on this machine (Ray's `auto` prefers one to a session file):
+    its raylet's command line names the GCS address, which is how Ray itself looks."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"--gcs-address" in cmdline.read_bytes():
+                return True
+        except OSError:  # gone, or not ours to read
+            pass
+    return False
+
+
+# Before the tests that start this module's cluster: `auto` must find none running.
+@pytest.mark.parametrize("how", ["wrong-address", "stale-session"])
+def test_an_address_where_no_cluster_answers_exits_2_in_seconds(tmp_path, how):
+    """ray.init retries such an address for a quarter of an hour without a timeout. A stale
+    session: `ray start` wrote the head's address into the session file, then the head died
+    (no `ray stop` to clear the file); `--address auto` reads it."""
+    port = free_port()  # nothing listens there: as a head that has gone
+    ray_tmp = tmp_path / "ray-tmp"  # Ray's temp folder: the session file lives in it
+    (ray_tmp / "ray").mkdir(parents=True)
+    if how == "stale-session":
+        if ray_running_here():
+            pytest.skip("a Ray node runs on this machine: `auto` would connect to it")
+        (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}\n")
+    address = "auto" if how == "stale-session" else f"127.0.0.1:{port}"
+    path = write_sweep(tmp_path, "nowhere")
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", str(path), "--executor", "ray", "--address",
+         address], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(ray_tmp)},
+        capture_output=True, text=True, timeout=120)  # unbounded, it would wait ~15 min
+    seconds = time.monotonic() - started
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert seconds < 60  # a bound, not a speed measurement
+    (line,) = proc.stderr.strip().splitlines()  # one line, no traceback, no Ray retries
+    assert line.startswith(f"error: --address {address}: no Ray cluster answers")
+    assert f":{port}" in line and "connection refused" in line
+    assert "ray start --head" in line  # how to start one
+    assert not list((tmp_path / "out").glob("nowhere/*/metrics.json"))  # no run started
+
+
 def test_a_sweep_on_ray_gives_the_local_executors_folders_ids_and_pixels(head, tmp_path):
     sweep = {"loss.tv_weight": [0.01, 1.0], "loss.style_weight": [0.001, 0.1]}
     path = write_sweep(tmp_path, "grid", sweep=sweep)
@@ -184,9 +234,10 @@ def test_a_broken_image_fails_only_its_own_run(head, tmp_path):
 
 def test_sigterm_to_the_driver_interrupts_its_runs_and_the_same_command_finishes_them(
         head, tmp_path, capsys):
-    # 60 iterations: enough that no run ends in the second the stop takes to reach it.
+    # 60 iterations: enough that no run ends in the second the stop takes to reach it. Two
+    # stages, numbered across the run: 1-30 at 24 px, 31-60 at 32 px.
     path = write_sweep(tmp_path, "term", sweep={"loss.tv_weight": [0.01, 0.1, 1.0]}, size=32,
-                       optimizer={"iterations": 60}, checkpoint_every=5)
+                       scales=[24, 32], scale_iterations=[30, 30], checkpoint_every=5)
     exp = tmp_path / "out" / "term"
     ids = [job.run_id for job in batch.plan(config.load(path))]
     driver = start_ray_run(path, head)
@@ -206,6 +257,9 @@ def test_sigterm_to_the_driver_interrupts_its_runs_and_the_same_command_finishes
     rc, stderr = ray_run(path, head)
     assert rc == 0, stderr
     assert "3 completed, 0 failed, 0 interrupted" in stderr
+    # The tasks' progress lines (Ray forwards them to the driver) count both stages.
+    totals = re.findall(r": iteration \d+/(\d+) ", stderr)
+    assert totals and set(totals) == {"60"}, stderr
     found = metrics_of(exp)
     for run_id in ids:
         assert found[run_id]["status"] == "completed"
@@ -235,13 +289,23 @@ def test_a_second_driver_of_the_same_experiment_is_refused_by_the_cluster(head, 
     second.close()
 
 
-def test_a_node_that_cannot_read_an_input_is_refused_before_anything_runs(head, tmp_path):
-    path = write_sweep(tmp_path, "unshared")
+@pytest.mark.parametrize("unread", ["style.png", "style_mask.png", "content_mask.png",
+                                    "init.png"])
+def test_a_node_that_cannot_read_an_input_is_refused_before_anything_runs(head, tmp_path,
+                                                                          unread):
+    """Every file a run reads, masks and an init image too: a node without one would fail
+    each run it takes, after the promise that the cluster was checked."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, seed in (("style_mask.png", 3), ("content_mask.png", 4), ("init.png", 5)):
+        write_image(images / name, (24, 24), seed=seed)
+    path = write_sweep(tmp_path, "unshared", style_masks=["images/style_mask.png"],
+                       content_mask="images/content_mask.png", init="images/init.png")
     jobs = batch.plan(config.load(path))
-    (tmp_path / "images" / "style.png").unlink()  # as on a node that does not mount it
+    (images / unread).unlink()  # as on a node that does not mount it
     executor = cluster.RayExecutor(head, None, 1)
     with pytest.raises(config.ConfigError, match="must be shared by every node.*cannot read "
-                       ".*style.png"):
+                       f".*{unread}"):
         executor.start(runs.experiment_dir(jobs[0].cfg), jobs)
     executor.close()
 

@@ -250,6 +250,35 @@ def test_infinite_and_nan_numbers_are_refused(exp, extra, key):
     assert f"{key}: expected a finite number" in message
 
 
+@pytest.mark.parametrize("extra, words", [
+    # scipy answers a negative factr with "ERROR: FACTR < 0" and no iteration at all.
+    ("optimizer:\n  ftol: -1\n", ["optimizer.ftol", "0 (off) or more", "-1"]),
+    ("optimizer:\n  gtol: -0.5\n", ["optimizer.gtol", "0 (off) or more", "-0.5"]),
+    # The device optimisers have no early stop: the value would change nothing but the id.
+    ("optimizer:\n  method: lbfgs\n  ftol: 1e-9\n", ["optimizer.ftol", "scipy only", "lbfgs"]),
+    ("optimizer:\n  method: adam\n  gtol: 1e-5\n", ["optimizer.gtol", "scipy only", "adam"]),
+    # A sweep that gives one run a method where the tolerance means nothing: that run's key.
+    ("optimizer:\n  ftol: 1e-9\nsweep:\n  optimizer.method: [scipy, adam]\n",
+     ["optimizer.ftol", "scipy only", "adam"]),
+], ids=["negative-ftol", "negative-gtol", "lbfgs-ftol", "adam-gtol", "swept-method"])
+def test_tolerances_a_run_would_not_honour_exit_2_naming_the_key(exp, capsys, extra, words):
+    from pipeline import cli
+
+    assert cli.main(["run", str(minimal(exp, extra + "output_dir: out\n"))]) == 2
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1 and message.startswith("error:")
+    for word in words:
+        assert word in message, message
+    assert not (exp / "out").exists()  # nothing started
+
+
+def test_scipy_takes_its_tolerances_and_no_method_is_refused_a_zero(exp):
+    scipy = config.load(minimal(exp, "optimizer:\n  ftol: 1e-9\n  gtol: 1e-5\n"))
+    assert (scipy.optimizer.ftol, scipy.optimizer.gtol) == (1e-9, 1e-5)
+    for method in ("lbfgs", "adam"):
+        config.load(minimal(exp, f"optimizer:\n  method: {method}\n  ftol: 0\n  gtol: 0.0\n"))
+
+
 def test_infinite_number_from_set_is_refused(exp):
     assert "loss.style_weight: expected a finite number" in load_error(
         minimal(exp), ["loss.style_weight=.inf"])
@@ -545,6 +574,143 @@ def test_sweep_with_a_content_glob_multiplies(exp):
 
 
 # --------------------------------------------------------------------------- hashing
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    """Every kind of input file a run reads, each with bytes of its own."""
+    files = {name: png(tmp_path / f"{name}.png", color, (40, 40)) for name, color in (
+        ("content", (10, 120, 200)), ("content2", (11, 120, 200)), ("style", (250, 200, 0)),
+        ("style2", (0, 90, 90)), ("style3", (1, 90, 90)), ("mask_a", (255, 255, 255)),
+        ("mask_b", (0, 0, 0)), ("init", (5, 5, 5)))}
+    files["weights"] = tmp_path / "vgg19.weights.h5"  # the hash reads bytes, not HDF5
+    files["weights"].write_bytes(b"\x01" * 100)
+    return {name: str(path) for name, path in files.items()}
+
+
+def hash_of(raw: dict) -> str:
+    return config.config_hash(config.from_dict(raw))
+
+
+# Keys whose other valid values cannot be derived from their type alone: (settings both
+# configs share, the other value). Each changes the pixels of BASE below.
+OTHER_VALUES = {
+    "content": ({}, "{content2}"),
+    "style": ({}, ["{style}", "{style3}"]),
+    "style_blend": ({}, [1.0, 2.0]),  # of two styles; [1, 1] is None's equal blend
+    "background": ({}, [0, 0, 0]),
+    "scales": ({}, [24, 32]),
+    # With a budget per stage, optimizer.iterations counts for nothing: the same in both.
+    "scale_iterations": ({"scales": [24, 32]}, [2, 5]),
+    "style_masks": ({}, ["{mask_a}", None]),
+    "content_mask": ({}, "{mask_b}"),
+    "model.content_layers": ({}, ["block2_conv1"]),
+    # As many layers of the same widths: their default weights (1 / C_l^2) stay the same.
+    "model.style_layers": ({}, ["block1_conv2", "block2_conv1", "block3_conv1", "block4_conv1",
+                                "block5_conv1"]),
+    "model.content_layer_weights": ({}, [1.0, 3.0]),  # of two layers
+    "model.style_layer_weights": ({}, [1.0, 1.0, 1.0, 1.0, 1.0]),  # None is 1 / C_l^2
+    "optimizer.history": ({}, 5),  # scipy's default is 10
+    # The method alone: its default history (scipy 10, lbfgs 30) would change the hash too.
+    "optimizer.method": ({"optimizer": {"history": 10}}, "lbfgs"),
+}
+CHOICES = {"model.network": config.NETWORKS, "model.pooling": config.POOLINGS,
+           "model.precision": config.PRECISIONS, "optimizer.method": config.METHODS,
+           "preserve_colors": config.COLOR_MODES, "init": config.INIT_KINDS,
+           "model.weights": config.WEIGHT_KINDS}
+
+
+def other_value(key, value):
+    """A valid value of `key` other than `value`: from the table, from the key's choices, or
+    from its type (a number: one more, or twice as much)."""
+    if key in OTHER_VALUES:
+        return OTHER_VALUES[key][1]
+    if key in CHOICES:
+        return next(choice for choice in CHOICES[key] if choice != value)
+    if type(value) is int:
+        return value + 1
+    if type(value) is float:
+        return value * 2 if value else 1e-9  # optimizer.ftol and gtol are 0 by default
+    raise AssertionError(f"{key} = {value!r}: no other value known; add one to OTHER_VALUES")
+
+
+def test_every_key_that_decides_the_pixels_changes_the_hash(inputs):
+    """Each key of the schema outside UNHASHED_KEYS, changed alone to another valid value,
+    gives another hash: a key left out of the hash would make two runs one. The base has
+    two styles and two content layers, so that blend and layer weights mean something."""
+    def filled(value):  # "{content}" -> the content file's path
+        if isinstance(value, list):
+            return [filled(v) for v in value]
+        return value.format(**inputs) if isinstance(value, str) else value
+
+    base = {"content": inputs["content"], "style": [inputs["style"], inputs["style2"]],
+            "size": 32, "model": {"weights": "random",
+                                  "content_layers": ["block4_conv2", "block3_conv1"]}}
+    walked = []
+    for key in config.dotted_keys():
+        if key in config.UNHASHED_KEYS:
+            continue
+        shared, _ = OTHER_VALUES.get(key, ({}, None))
+        before = config.to_dict(config.from_dict({**base, **shared}))
+        value = filled(other_value(key, config.get_dotted(before, key)))
+        assert value != config.get_dotted(before, key), key
+        after = config.to_dict(config.from_dict({**base, **shared}))
+        config.set_dotted(after, key, value)
+        assert hash_of(after) != hash_of(before), f"{key}: {value!r} leaves the hash as it was"
+        walked.append(key)
+    assert len(walked) == len(config.dotted_keys()) - len(config.UNHASHED_KEYS) >= 29
+
+
+@pytest.mark.parametrize("key, name", [
+    ("content", "content"), ("style", "style"), ("style_masks", "mask_a"),
+    ("content_mask", "mask_b"), ("init", "init"), ("model.weights", "weights")])
+def test_an_input_file_edited_in_place_changes_the_hash(inputs, key, name):
+    """Files count by their bytes: the same path with other pixels is another run."""
+    raw = {"content": inputs["content"], "style": [inputs["style"]], "size": 32,
+           "model": {"weights": "random"}}
+    value = [inputs[name]] if key in ("style", "style_masks") else inputs[name]
+    config.set_dotted(raw, key, value)
+    before = hash_of(raw)
+    path = Path(inputs[name])
+    if name == "weights":
+        path.write_bytes(b"\x02" * 100)  # the same length
+    else:
+        png(path, (123, 45, 67), (40, 40))
+    os.utime(path, ns=(1, 1))  # a new modification time, whatever the clock's resolution
+    assert hash_of(raw) != before
+    assert config.from_dict(raw) == config.from_dict(raw)  # the config itself is unchanged
+
+
+def test_spellings_of_the_same_pixels_share_the_hash(inputs):
+    """One stage is one stage, equal weights are equal weights, and a value nothing reads is
+    no value: each spelling below makes the pixels of the one beside it."""
+    base = {"content": inputs["content"], "style": [inputs["style"], inputs["style2"]],
+            "size": 32, "model": {"weights": "random"}, "optimizer": {"iterations": 7}}
+
+    def with_(**extra):
+        raw = config.to_dict(config.from_dict(base))
+        for key, value in extra.items():
+            config.set_dotted(raw, key.replace("__", "."), value)
+        return hash_of(raw)
+
+    plain = with_()
+    assert with_(scales=[32]) == plain
+    assert with_(scales=[32], scale_iterations=[7]) == plain
+    assert with_(scales=[32], scale_iterations=[9]) == with_(optimizer__iterations=9)
+    assert with_(scales=[24, 32], scale_iterations=[7, 7]) == with_(scales=[24, 32])
+    assert (with_(scales=[24, 32], scale_iterations=[3, 4], optimizer__iterations=100)
+            == with_(scales=[24, 32], scale_iterations=[3, 4]))
+    assert with_(style_blend=[1.0, 1.0]) == with_(style_blend=[2.5, 2.5]) == plain
+    assert with_(model__content_layers=["block4_conv2", "block3_conv1"],
+                 model__content_layer_weights=[4.0, 4.0]) == with_(
+        model__content_layers=["block4_conv2", "block3_conv1"])
+    assert with_(optimizer__method="adam", optimizer__history=3) == with_(
+        optimizer__method="adam")
+    # And what differs, differs.
+    assert len({plain, with_(scales=[24, 32]), with_(style_blend=[1.0, 2.0]),
+                with_(scales=[24, 32], scale_iterations=[3, 4]),
+                with_(optimizer__method="lbfgs", optimizer__history=3),
+                with_(optimizer__method="lbfgs")}) == 6
 
 
 def test_each_run_records_its_methods_history_unless_one_is_set(exp):

@@ -132,3 +132,11 @@ def test_an_explicit_tolerance_stops_early(tolerance):
     result = optimize.minimize(small_gradients, np.zeros((8, 8, 3), np.float32), iterations=25,
                                **tolerance)
     assert result.reason == optimize.CONVERGED and result.iterations < 25
+
+
+def test_an_input_scipy_refuses_is_an_error_not_a_completed_run():
+    """scipy answers a negative factr with task "ERROR: FACTR < 0" and warnflag 2, as it
+    answers a failed line search: this run ran nothing and must not read as completed."""
+    x0 = np.zeros((4, 4, 3), np.float32)
+    with pytest.raises(ValueError, match="refused its input: ERROR: FACTR < 0"):
+        optimize.minimize(quadratic(np.full((4, 4, 3), 99.0)), x0, iterations=5, ftol=-1.0)

@@ -23,7 +23,6 @@ from pipeline.losses import Objective
 from pipeline.optimize import device
 from pipeline.optimize.adam import Adam
 from pipeline.optimize.lbfgs import LBFGS
-from pipeline.runs import RunFolder
 from pipeline.stylize import prepare
 
 SHAPE = (4, 5, 3)
@@ -154,41 +153,158 @@ def test_a_stop_request_is_honoured_between_calls():
     assert result.final["total"] <= steps[-1].total
 
 
+class Linear:
+    """f(x) = -sum(x): the gradient never changes, so every pair has s.y = 0."""
+
+    terms = ("a",)
+
+    def __call__(self, x):
+        return -ops.sum(x), {"a": ops.mean(x)}
+
+
+class Concave:
+    """f(x) = -sum((x - 128)^2): y = -2 s, so every pair has s.y < 0."""
+
+    terms = ("a",)
+
+    def __call__(self, x):
+        return -ops.sum(ops.square(x - 128.0)), {"a": ops.mean(x)}
+
+
+def test_lbfgs_takes_the_short_first_step_at_the_first_iteration_only():
+    """torch.optim.LBFGS's rule, run through step() itself. With every pair rejected there is
+    no curvature: the direction is -g, the first step min(1, 1/|g|_1) long, every later one
+    whole. f = -sum(x), 60 pixels: |g|_1 = 60, so 1/60, then 1 per iteration."""
+    result, steps = run(LBFGS(5), Linear(), np.full(SHAPE, 100.0, np.float32), 20)
+    np.testing.assert_allclose(steps[-1].image, 100 + 1 / 60 + 19, atol=1e-3)
+    state = steps[-1].state()
+    assert (int(state["pairs"]), int(state["iterations"])) == (0, 20)
+    # f = -sum((x - 128)^2) from 130: g = -4, |g|_1 = 240, so the first step moves 4/240 =
+    # 1/60; each later one adds -g = 2 (x - 128): x - 128 triples.
+    _, steps = run(LBFGS(5), Concave(), np.full(SHAPE, 130.0, np.float32), 4)
+    np.testing.assert_allclose(steps[-1].image, 128 + (2 + 1 / 60) * 27, rtol=1e-5)
+    assert int(steps[-1].state()["pairs"]) == 0
+
+
+def test_lbfgs_resumes_its_step_count_and_an_older_state_without_it_starts_afresh():
+    compiled = device.compile_method(LBFGS(5), Linear(), [])
+    x0 = np.full(SHAPE, 100.0, np.float32)
+    first = []
+    device.minimize(compiled, x0, 10, first.append, checkpoint_every=5)
+    saved, done = first[-1].state(), (10, first[-1].evaluations, first[-1].seconds)
+    rest = []
+    device.minimize(compiled, first[-1].image, 20, rest.append, done=done, state=saved,
+                    checkpoint_every=5)
+    assert [s.iteration for s in rest] == list(range(11, 21))
+    np.testing.assert_allclose(rest[-1].image, 100 + 1 / 60 + 19, atol=1e-3)  # as if whole
+    # A checkpoint from before the count was kept: its state does not fit, so the run goes
+    # on from the checkpoint's image with a fresh memory (and a short first step again).
+    older = {k: v for k, v in saved.items() if k != "iterations"}
+    rest = []
+    result = device.minimize(compiled, first[-1].image, 20, rest.append, done=done,
+                             state=older, checkpoint_every=5)
+    assert result.reason == optimize.COMPLETED and [s.iteration for s in rest] == list(
+        range(11, 21))
+    np.testing.assert_allclose(rest[-1].image, 100 + 1 / 60 + 9 + 1 / 60 + 9, atol=1e-3)
+
+
+def test_the_best_image_is_the_lowest_loss_of_the_whole_run():
+    """Adam overshoots a near target (its steps are about 5 grey levels) and oscillates: the
+    kept image must be the lowest loss seen, not merely better than the step before it."""
+    target = 128.0 + np.random.default_rng(5).uniform(-3, 3, SHAPE)
+    result, steps = run(Adam(), Quadratic(target), np.full(SHAPE, 128.0, np.float32), 40,
+                        checkpoint_every=1)
+    totals = [s.total for s in steps]
+    # The case that tells the two apart: a step better than its predecessor, worse than best.
+    assert any(totals[j] < totals[j - 1] and totals[j] > min(totals[:j]) for j in range(1, 40))
+    best = int(np.argmin(totals))
+    assert totals[best] < result.initial["total"]
+    np.testing.assert_array_equal(result.image, steps[best].image)
+    assert result.final["total"] == totals[best]
+
+
+class PseudoHuber:
+    """f(x) = sum(sqrt(c^2 + (x - t)^2)): quadratic near t, nearly linear far from it, where
+    its curvature is tiny and a quasi-Newton step overshoots far past t."""
+
+    terms = ("a",)
+
+    def __init__(self, target, c=20.0):
+        self.target, self.c = target.astype("float32"), c
+
+    def __call__(self, x):
+        return ops.sum(ops.sqrt(self.c**2 + ops.square(x - self.target))), {"a": ops.mean(x)}
+
+    def value_and_grad(self, x):
+        r = np.asarray(x, np.float64) - self.target
+        root = np.sqrt(self.c**2 + r**2)
+        return root.sum(), r / root
+
+
+def test_lbfgs_line_search_accepts_only_sufficient_decrease():
+    """Each accepted step satisfies Armijo's condition, checked here in float64 from the
+    iterates; the quasi-Newton step from far away overshoots, so the search must halve."""
+    objective = PseudoHuber(128.0 + np.random.default_rng(6).uniform(-10, 10, SHAPE))
+    x0 = np.full(SHAPE, 20.0, np.float32)
+    result, steps = run(LBFGS(5, line_search=True), objective, x0, 8, checkpoint_every=1)
+    previous = x0
+    for step in steps:
+        f_old, g_old = objective.value_and_grad(previous)
+        f_new, _ = objective.value_and_grad(step.image)
+        assert f_new <= f_old + 1e-4 * np.sum(g_old * (step.image - previous)) + 1e-2
+        previous = step.image
+    assert steps[-1].evaluations - 1 > len(steps)  # halvings happened (1: the start image)
+
+
 # --------------------------------------------------------------------------- the real network
 
 
-def interrupted_equals_whole(folder: Path, method: str) -> list[str]:
+def interrupted_equals_whole(folder: Path, method: str, colors: str = "none") -> list[str]:
     """Run a small config whole, and again stopped after 5 iterations and resumed from its
     folder's checkpoint, each as batch.run_one runs it; returns what differs (nothing)."""
     # Two convolutions of VGG19 are network enough here, and compile in a fraction of the time.
     settings = dict(size=24, optimizer={"iterations": 11, "method": method},
-                    checkpoint_every=4, model={"weights": "random",
-                                               "content_layers": ["block1_conv2"],
-                                               "style_layers": ["block1_conv1"]})
+                    checkpoint_every=4, preserve_colors=colors,
+                    model={"weights": "random", "content_layers": ["block1_conv2"],
+                           "style_layers": ["block1_conv1"]})
     jobs = {}
     for name in ("whole", "parts"):
         (jobs[name],) = batch.plan(config.load(write_config(folder, name, **settings)))
-    assert batch.run_one(jobs["whole"]).status == "completed"
-    seen = []
-    stopped = batch.run_one(jobs["parts"], seen.append, lambda: len(seen) >= 5)
+    # The state each run carried at its last checkpoint (iteration 8, in either part), as it
+    # was saved: a completed run's folder keeps none.
+    states, seen = {}, []
+
+    def keep_state(name):
+        def on_step(step):
+            seen.append(step)
+            if step.iteration == 8:
+                states[name] = {"optimizer." + k: np.asarray(v) for k, v in step.state().items()}
+        return on_step
+
+    assert batch.run_one(jobs["whole"], keep_state("whole")).status == "completed"
+    seen.clear()
+    stopped = batch.run_one(jobs["parts"], keep_state("parts"), lambda: len(seen) >= 5)
     assert stopped.status == "interrupted", stopped.message
-    assert batch.run_one(jobs["parts"]).status == "completed"
+    stopped_at = seen[-1].iteration
     out = {name: batch.folder_of(job) for name, job in jobs.items()}
     problems = []
-    if out["parts"].read_metrics()["resumed_from"] != seen[-1].iteration:
+    own = {"s", "y", "sy", "yy", "pairs", "iterations"} if method == "lbfgs" else {"m", "v", "t"}
+    if not {"optimizer." + k for k in own} <= set(out["parts"].load_state()):
+        problems.append("the stopped run's state.npz lacks the optimiser's state")
+    assert batch.run_one(jobs["parts"], keep_state("parts")).status == "completed"
+    if out["parts"].read_metrics()["resumed_from"] != stopped_at:
         problems.append("did not resume from the stop")
     traces = {n: [(r["iteration"], r["total"], r["style"]) for r in f.read_trace()]
               for n, f in out.items()}
     if traces["whole"] != traces["parts"] or len(traces["whole"]) != 11:
         problems.append(f"traces differ: {traces}")
-    for n in out:  # the last checkpoint (iteration 8): the state the two runs carried
-        if int(out[n].load_state()["iteration"]) != 8:
-            problems.append(f"{n}: last checkpoint not at iteration 8")
-    a, b = (out[n].load_state() for n in out)
-    arrays = [k for k in a if k == "image" or k.startswith("optimizer.")]
-    if a.keys() != b.keys() or len(arrays) < 5 or not all(
-            np.array_equal(a[k], b[k]) for k in arrays):
+    if any(f.state.exists() for f in out.values()):
+        problems.append("a completed run kept its state.npz")
+    a, b = states.get("whole", {}), states.get("parts", {})
+    if a.keys() != b.keys() or len(a) < 5 or not all(np.array_equal(a[k], b[k]) for k in a):
         problems.append("checkpoint state differs")
+    elif colors == "luminance" and a["optimizer.best_x"].shape != (20, 24, 1):
+        problems.append("the optimiser's variable is not the luminance alone")
     if not np.array_equal(images.load_image(out["whole"].result),
                           images.load_image(out["parts"].result)):
         problems.append("result pixels differ")
@@ -198,12 +314,12 @@ def interrupted_equals_whole(folder: Path, method: str) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("method", ["lbfgs", "adam"])
-def test_stopped_and_resumed_equals_uninterrupted_bit_for_bit(tmp_path, method):
-    assert interrupted_equals_whole(tmp_path, method) == []
-    state = RunFolder(next((tmp_path / "out" / "parts").glob("parts-*"))).load_state()
-    own = {"s", "y", "sy", "yy", "pairs"} if method == "lbfgs" else {"m", "v", "t"}
-    assert {"optimizer." + k for k in own} <= set(state)
+@pytest.mark.parametrize("method, colors", [("lbfgs", "none"), ("adam", "none"),
+                                            ("lbfgs", "luminance")])
+def test_stopped_and_resumed_equals_uninterrupted_bit_for_bit(tmp_path, method, colors):
+    """With `preserve_colors: luminance` the optimiser's variable is one channel: its state
+    and checkpoints too."""
+    assert interrupted_equals_whole(tmp_path, method, colors) == []
 
 
 def test_lbfgs_direction_and_resumes_on_jax(tmp_path):
@@ -268,10 +384,13 @@ def test_low_precision_network_gives_the_float32_loss_within_2_percent(small_con
 
 
 def test_method_and_precision_are_validated_swept_and_hashed(tmp_path):
-    path = write_config(tmp_path, sweep={"optimizer.method": ["scipy", "lbfgs", "adam"]})
+    path = write_config(tmp_path, sweep={"optimizer.method": ["scipy", "lbfgs", "adam"],
+                                         "model.precision": ["float32", "bfloat16"]})
     jobs = batch.plan(config.load(path))
-    assert [j.cfg.optimizer.method for j in jobs] == ["scipy", "lbfgs", "adam"]
-    assert len({j.run_id for j in jobs}) == 3
+    assert [(j.cfg.optimizer.method, j.cfg.model.precision) for j in jobs] == [
+        (m, p) for p in ("float32", "bfloat16") for m in ("scipy", "lbfgs", "adam")]
+    # The hash, not the id: an id holds the swept values whether or not the hash does.
+    assert len({config.config_hash(j.cfg) for j in jobs}) == 6
     for key, value in (("optimizer.method", "sgd"), ("model.precision", "int8")):
         with pytest.raises(config.ConfigError, match=key.replace(".", r"\.")):
             config.load(path, [f"{key}={value}", "sweep={}"])

@@ -231,7 +231,7 @@ def test_tf_tutorial_recipe(tmp_path, vgg19_max, images32):
 def test_tv_fits_of_keras_io_and_tf_tutorial(tmp_path):
     """Their TV terms are not quadratic; each recipe's tv_weight is the least-squares fit of
     our TV's gradient to theirs over the neighbour differences of the demo's photo."""
-    photo = images.load_image(config._expand_path("pkg:skimage/data/astronaut.png", ROOT))
+    photo = images.load_image(config.expand_path("pkg:skimage/data/astronaut.png", ROOT))
     x = images.resize_long_side(photo, 400).astype(np.float64)
     dy, dx = x[1:, :-1] - x[:-1, :-1], x[:-1, 1:] - x[:-1, :-1]
     g2 = dy ** 2 + dx ** 2  # keras.io: 1e-6 (dy^2 + dx^2)^1.25, gradient 2.5e-6 g^1.5 (unit)

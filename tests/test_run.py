@@ -3,6 +3,7 @@ image files, the real VGG19 (random weights: no network here) and scipy's optimi
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -161,3 +162,99 @@ def test_missing_imagenet_weights_end_with_instructions(tmp_path):
     assert "model.weights: random" in proc.stderr
     assert str(tmp_path / "keras" / "models") in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- what a user sees
+
+
+def test_a_batch_already_done_calibrates_nothing(tiny, tmp_path):
+    """Every run completed: the estimate has nothing to say, so no calibration starts (on a
+    machine it has not seen, 30-60 s per setup for nothing)."""
+    _, config, _ = tiny
+    fresh = tmp_path / "cache"
+    proc = run_cli("run", config, env={"PIPELINE_CACHE_DIR": str(fresh)})
+    assert proc.returncode == 0, proc.stderr
+    assert "already completed" in proc.stderr
+    assert "calibrating" not in proc.stderr and not list(fresh.glob("calibration-*"))
+
+
+def test_an_unwritable_estimate_cache_warns_once_and_the_runs_go_ahead(tiny, tmp_path):
+    """PIPELINE_CACHE_DIR under a file: one warning, and the calibration lives in the
+    temporary directory instead (copied there from this session's, so that nothing is measured
+    again here); if that cannot be written either, the runs go ahead without the check."""
+    from conftest import SESSION_CACHE
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    temp = tmp_path / "tmp"
+    fallback = temp / f"style-pipeline-{os.getuid()}"
+    shutil.copytree(SESSION_CACHE, fallback, ignore=shutil.ignore_patterns(".*"))
+    env = {"PIPELINE_CACHE_DIR": str(blocker / "cache"), "TMPDIR": str(temp)}
+    config = write_config(tmp_path, name="nocache", size=24, optimizer={"iterations": 2})
+
+    def warned(proc):
+        return [line for line in proc.stderr.splitlines() if "cannot write" in line]
+
+    proc = run_cli("estimate", config, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and len(warned(proc)) == 1
+    assert str(blocker / "cache") in warned(proc)[0] and str(fallback) in warned(proc)[0]
+    assert "24x20: peak memory" in proc.stdout and "fits" in proc.stdout
+    proc = run_cli("run", config, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and len(warned(proc)) == 1
+    assert ": estimate: 24x20" in proc.stderr and "calibrating" not in proc.stderr
+
+    shutil.rmtree(fallback)
+    fallback.write_text("")  # neither can be written now
+    config = write_config(tmp_path, name="nocheck", size=24, optimizer={"iterations": 2})
+    proc = run_cli("run", config, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and len(warned(proc)) == 1
+    assert "running without the memory check" in proc.stderr
+    assert json.loads((only_run(tmp_path, "nocheck") / "metrics.json").read_text())[
+        "status"] == "completed"
+
+
+STARTUP_LINES = ("oneDNN custom operations", "Could not find cuda drivers",
+                 "absl::InitializeLog", "failed call to cuInit", "cpu_feature_guard")
+
+
+def test_tensorflow_start_up_lines_are_quiet_unless_asked_for(tmp_path):
+    """The command line and each worker load TensorFlow; none of its INFO start-up lines (nor
+    CUDA's failure to start on a machine without NVIDIA's driver) reach the user. A user's
+    TF_CPP_MIN_LOG_LEVEL=0 brings them back."""
+    env = {k: v for k, v in cli_env().items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    config = write_config(tmp_path, name="quiet", size=24, optimizer={"iterations": 2},
+                          sweep={"seed": [1, 2]})
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(config), "--workers",
+                           "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "[worker 0]" in proc.stderr and "[worker 1]" in proc.stderr
+    assert not [line for line in proc.stderr.splitlines()
+                if any(text in line for text in STARTUP_LINES)], proc.stderr
+    # framework.load is the one place every process loads TensorFlow through.
+    proc = subprocess.run([sys.executable, "-c", "from pipeline import framework; "
+                           "framework.load()"], cwd=ROOT, env={**env, "TF_CPP_MIN_LOG_LEVEL": "0"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "oneDNN custom operations are on" in proc.stderr
+
+
+@pytest.mark.parametrize("line, level, driver, shown", [
+    ("I0000 00:00:17.1 123 port.cc:153] oneDNN custom operations are on.", 1, False, False),
+    ("I0000 00:00:17.1 123 port.cc:153] oneDNN custom operations are on.", 0, False, True),
+    ("W0000 00:00:17.1 123 x.cc:1] a real warning", 1, False, True),
+    ("W0000 00:00:17.1 123 x.cc:1] a real warning", 2, False, False),
+    ("E0000 00:00:17.1 123 x.cc:1] a real error", 2, False, True),
+    ("E0000 00:00:17.1 123 cuda_platform.cc:52] failed call to cuInit: INTERNAL", 1, False,
+     False),
+    ("E0000 00:00:17.1 123 cuda_platform.cc:52] failed call to cuInit: INTERNAL", 1, True, True),
+    ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+     1, True, False),
+    ("/x/keras/src/y.py:3: UserWarning: something a user should read", 3, False, True),
+])
+def test_which_start_up_lines_are_shown(line, level, driver, shown):
+    from pipeline import framework
+
+    assert framework.hidden(line + "\n", level, driver) is not shown

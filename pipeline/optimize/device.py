@@ -96,7 +96,7 @@ def minimize(
     state: dict | None = None,
     checkpoint_every: int = 0,
 ) -> Result:
-    """Run the compiled method from x0 (H, W, 3) until `iterations` in all, pixels kept in
+    """Run the compiled method from x0 (H, W, C) until `iterations` in all, pixels kept in
     0..255.
 
     `done` is (iterations, evaluations, seconds) already spent by an earlier part of this
@@ -105,9 +105,6 @@ def minimize(
     `checkpoint_every`, so that every checkpoint iteration's Step carries image and state.
     """
     done_iterations, evaluations, done_seconds = done
-    if iterations <= done_iterations:  # a resume from the last checkpoint: nothing to do
-        return Result(np.asarray(x0, np.float32), COMPLETED, "no iterations left",
-                      done_iterations, evaluations, done_seconds, None, None)
     start = time.perf_counter()
     method, terms = compiled.method, compiled.terms
     x0 = np.asarray(x0, np.float32)
@@ -117,6 +114,9 @@ def minimize(
     if _fits(None if state is None else {"x": x0, **state}, shapes):
         state = {"x": x0, **{k: np.asarray(v, np.asarray(shapes[k]).dtype)
                              for k, v in state.items()}}
+    elif iterations <= done_iterations:  # a resume from the last checkpoint, without state
+        return Result(x0, COMPLETED, "no iterations left", done_iterations, evaluations,
+                      done_seconds, None, None)
     else:  # a fresh start (or a checkpoint without usable state): evaluate x0 first
         total, values, grad = compiled.vg(x0)
         evaluations += 1
@@ -129,7 +129,9 @@ def minimize(
         state = {**method.init(x0), "x": x0, "loss": np.float32(total),
                  "grad": grad.astype(np.float32), "best_x": x0, "best": best}
     iteration, size, warm = done_iterations, 1, False
-    reason, message = COMPLETED, f"{iterations} iterations"
+    # Nothing left (a resume from the last checkpoint): the result is the saved best image.
+    reason, message = COMPLETED, (f"{iterations} iterations" if iteration < iterations
+                                  else "no iterations left")
     while iteration < iterations:
         if should_stop():
             reason, message = INTERRUPTED, "stopped on request"
@@ -149,7 +151,9 @@ def minimize(
             # After a non-finite step, x is that step's: no Step of this call may carry it.
             last = j == count - 1 and finite
             if on_step is not None:
-                saved = {k: v for k, v in state.items() if k != "x"}  # x is the image
+                # x is the image. The rest stays the backend's until a checkpoint writes it,
+                # converting one array at a time: lbfgs's pairs can be most of a run's memory.
+                saved = {k: v for k, v in state.items() if k != "x"}
                 on_step(Step(
                     iteration=iteration,
                     evaluations=evaluations,
@@ -158,8 +162,9 @@ def minimize(
                     total=float(rows["total"][j]),
                     terms={t: float(rows[t][j]) for t in terms},
                     image=image if last else None,
-                    state=(lambda saved=saved: _host(saved)) if last else None,
+                    state=(lambda saved=saved: dict(saved)) if last else None,
                     size=max(x0.shape[:2]),
+                    initial=initial,
                 ))
         if not finite:
             reason = NON_FINITE

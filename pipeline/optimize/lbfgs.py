@@ -14,14 +14,18 @@ at 128 px the loss after 300 iterations with history 30 or 100 was 1.4% lower th
 
 The step is fixed, as in jcjohnson/neural-style and torch.optim.LBFGS's default: the first
 iteration moves min(1, 1 / |g|_1) along -g, every later one takes the quasi-Newton step
-whole (learning rate 1), one evaluation per iteration. A backtracking (Armijo) line search,
-halving the step until the loss falls enough, is here too (`line_search=True`), because we
-measured both (README, "Optimisers"; benchmarks/bench_methods.py --line-search). On the CPU
-at 128 px, after the same 20 s, the fixed step's loss was 2.4 times lower: the search
-rejected the whole step on most iterations (2.9 evaluations per iteration), each halving a
-full network pass, and with the halved steps the pairs it stored made poorer curvature
-estimates (it stalled); the fixed step overshoots now and then (the best image is kept)
-but recovers within a few iterations.
+whole (learning rate 1), one evaluation per iteration. Only the first iteration, counted in
+the state (a resume goes on counting): while curvature pairs are rejected (where the loss is
+linear or concave) the direction is -g, and torch's rule takes it whole; a short step at
+every such iteration moved 0.33 in 20 iterations on a linear loss, where torch's moves 19.
+
+A backtracking (Armijo) line search, halving the step until the loss falls enough, is here
+too (`line_search=True`), because we measured both (README, "Optimisers";
+benchmarks/bench_methods.py --line-search). On the CPU at 128 px, after the same 20 s, the
+fixed step's loss was 2.4 times lower: the search rejected the whole step on most iterations
+(2.9 evaluations per iteration), each halving a full network pass, and with the halved steps
+the pairs it stored made poorer curvature estimates (it stalled); the fixed step overshoots
+now and then (the best image is kept) but recovers within a few iterations.
 
 Departures from textbook L-BFGS: bounds by projection (x is clipped to 0..255 after the
 step; s is the step actually taken), and a pair is kept only when s.y > 1e-10, so the
@@ -56,11 +60,11 @@ class LBFGS:
 
     def init(self, x0: np.ndarray) -> dict:
         """The pairs live in ring buffers: pair number p in slot p mod history. `sy` holds
-        s_i.y_j for slots i, j and `yy` y_i.y_j."""
+        s_i.y_j for slots i, j and `yy` y_i.y_j; `iterations` counts the steps taken."""
         m, n = self.history, x0.size
         return {"s": np.zeros((m, n), np.float32), "y": np.zeros((m, n), np.float32),
                 "sy": np.zeros((m, m), np.float32), "yy": np.zeros((m, m), np.float32),
-                "pairs": np.int32(0)}
+                "pairs": np.int32(0), "iterations": np.int32(0)}
 
     def remember(self, state, s, y, keep):
         """The ring buffers with the pair (s, y) written over the oldest, where `keep`."""
@@ -113,7 +117,7 @@ class LBFGS:
         d = ops.reshape(self.direction(flat_g, state), ops.shape(x))
         # torch.optim.LBFGS's first step: at most 1 along -g, less when the gradient is large.
         first = ops.minimum(1.0, 1.0 / ops.sum(ops.abs(flat_g)))
-        t = ops.where(state["pairs"] > 0, 1.0, first)
+        t = ops.where(state["iterations"] > 0, 1.0, first)
 
         def trial(t):
             x_new = ops.clip(x + t * d, 0.0, 255.0)
@@ -140,5 +144,5 @@ class LBFGS:
         s = ops.reshape(x_new - x, (-1,))
         y = ops.reshape(g_new, (-1,)) - flat_g
         keep = ops.sum(s * y) > CURVATURE_EPS
-        return ({"x": x_new, "loss": total, "grad": g_new, **self.remember(state, s, y, keep)},
-                total, terms, evaluations)
+        return ({"x": x_new, "loss": total, "grad": g_new, **self.remember(state, s, y, keep),
+                 "iterations": state["iterations"] + 1}, total, terms, evaluations)

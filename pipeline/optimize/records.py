@@ -28,7 +28,10 @@ class Step:
     pixels only at the end of each call, so inside a call it is None; calls end on every
     checkpoint iteration (`checkpoint_every`) and at the last iteration, so a caller saving
     checkpoints always has it. `state`, where not None, fetches the optimiser's own state
-    (a dict of named arrays) for a checkpoint: resuming from it continues the run exactly.
+    (a dict of named arrays, numpy's or the backend's) for a checkpoint: resuming from it
+    continues the run exactly (scipy's: the best image so far, to continue from it).
+    `initial` is the total and terms at the first evaluation: an optimiser gives its own
+    call's, and stylize the run's (kept in checkpoints, so that a resumed run still knows it).
     """
 
     iteration: int
@@ -36,10 +39,13 @@ class Step:
     seconds: float
     total: float
     terms: dict
-    image: np.ndarray | None = field(repr=False)  # (H, W, 3) float32: the iterate
+    # The iterate, (H, W, 3) float32: (H, W, 1) from an optimiser of a grey image, which
+    # stylize hands on as grey RGB.
+    image: np.ndarray | None = field(repr=False)
     stage: int = 1  # the coarse-to-fine stage (see scales.py); set by the caller
     size: int = 0  # the long side of the image being optimised, in pixels
     state: Callable[[], dict] | None = field(default=None, repr=False, compare=False)
+    initial: dict | None = None
 
 
 @dataclass

@@ -40,13 +40,14 @@ class Evaluator:
     It remembers the best image so far, so that a stop at any moment still has a result.
     """
 
-    def __init__(self, vg: ValueAndGrad, shape, should_stop: Callable[[], bool]):
+    def __init__(self, vg: ValueAndGrad, shape, should_stop: Callable[[], bool],
+                 best: tuple[np.ndarray, dict] | None = None):
         self.vg, self.shape, self.should_stop = vg, shape, should_stop
         self.evaluations = 0
         self.first: dict | None = None
         self.last: dict | None = None
-        self.best: dict | None = None
-        self.best_x: np.ndarray | None = None
+        self.best: dict | None = None if best is None else best[1]
+        self.best_x: np.ndarray | None = None if best is None else np.ravel(best[0])
 
     def __call__(self, flat: np.ndarray) -> tuple[float, np.ndarray]:
         if self.should_stop():
@@ -75,23 +76,26 @@ def minimize(
     done: tuple[int, int, float] = (0, 0, 0.0),
     ftol: float = 0.0,
     gtol: float = 0.0,
+    best: tuple[np.ndarray, dict] | None = None,
 ) -> Result:
-    """Run L-BFGS-B from x0 (H, W, 3) until `iterations` in all, pixels bounded to 0..255.
+    """Run L-BFGS-B from x0 (H, W, C) until `iterations` in all, pixels bounded to 0..255.
 
     `done` is (iterations, evaluations, seconds) already spent by an earlier part of this
-    run (a resume): they count towards the totals and the budget. The optimiser's memory is
-    not saved in checkpoints, so a resumed run rebuilds it: close to, not bit-equal with, an
-    uninterrupted run. `ftol` and `gtol` (0: off) are scipy's early stops (see OptimizerConfig).
+    run (a resume): they count towards the totals and the budget, and `best` is that part's
+    best image and its loss (Step.state's `best_x` and `best`): the result is the best of
+    all parts. The optimiser's memory is not saved in checkpoints, so a resumed run rebuilds
+    it: close to, not bit-equal with, an uninterrupted run. `ftol` and `gtol` (0: off) are
+    scipy's early stops (see OptimizerConfig).
     """
     done_iterations, done_evaluations, done_seconds = done
+    evaluator = Evaluator(vg, x0.shape, should_stop, best)
     remaining = iterations - done_iterations
     if remaining <= 0:
         # Nothing left (a resume from the last checkpoint): scipy's maxiter=0 would still
         # run one iteration, so it is not called at all.
-        return Result(image=x0.astype(np.float32), reason=COMPLETED, message="no iterations left",
+        return Result(image=_image(evaluator, x0), reason=COMPLETED, message="no iterations left",
                       iterations=done_iterations, evaluations=done_evaluations,
-                      seconds=done_seconds, initial=None, final=None)
-    evaluator = Evaluator(vg, x0.shape, should_stop)
+                      seconds=done_seconds, initial=None, final=evaluator.best)
     start = time.perf_counter()
     iteration = done_iterations
 
@@ -109,6 +113,9 @@ def minimize(
                 terms={k: v for k, v in evaluator.last.items() if k != "total"},
                 image=xk.reshape(x0.shape).astype(np.float32),
                 size=max(x0.shape[:2]),
+                # The best so far (a new best replaces evaluator.best_x, never changes it).
+                state=lambda x=evaluator.best_x, loss=evaluator.best: _state(x, loss, x0.shape),
+                initial=evaluator.first,
             ))
 
     # One BLAS thread: L-BFGS-B's vector work is too small to share, and OpenBLAS's idle
@@ -127,17 +134,20 @@ def minimize(
             pgtol=gtol,
             callback=callback,
         )
-        # Branch on warnflag, never on scipy's message text.
-        reason = {0: CONVERGED, 1: COMPLETED}.get(info["warnflag"], ABNORMAL)
+        # Branch on warnflag, not on scipy's message text; but warnflag 2 covers both a
+        # stop that still has a best image (ABNORMAL: a failed line search) and an input
+        # scipy refuses (FACTR < 0, M <= 0), told apart only by the status word that starts
+        # `task`. A refused input ran nothing: that run has failed, not completed.
         message = str(info.get("task", ""))
+        if message.startswith("ERROR"):
+            raise ValueError(f"scipy's L-BFGS-B refused its input: {message}")
+        reason = {0: CONVERGED, 1: COMPLETED}.get(info["warnflag"], ABNORMAL)
     except _Halt as halt:
         reason, message = halt.reason, halt.message
     finally:
         blas.restore_original_limits()
-    best = evaluator.best_x
-    image = x0.astype(np.float32) if best is None else best.reshape(x0.shape).astype(np.float32)
     return Result(
-        image=image,
+        image=_image(evaluator, x0),
         reason=reason,
         message=message,
         iterations=iteration,
@@ -146,3 +156,17 @@ def minimize(
         initial=evaluator.first,
         final=evaluator.best,
     )
+
+
+def _image(evaluator: Evaluator, x0: np.ndarray) -> np.ndarray:
+    """The best image evaluated (x0 when there is none), float32 in x0's shape."""
+    best = x0 if evaluator.best_x is None else evaluator.best_x
+    return np.reshape(best, x0.shape).astype(np.float32)
+
+
+def _state(best_x: np.ndarray, best: dict, shape) -> dict:
+    """What a checkpoint keeps of a scipy run: its best image and that image's loss (total,
+    then the terms in the objective's order), so that a resumed stage, or the stage after
+    it, goes on from the best image as an uninterrupted run does."""
+    return {"best_x": np.reshape(best_x, shape).astype(np.float32),
+            "best": np.array(list(best.values()), np.float64)}

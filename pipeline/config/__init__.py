@@ -1,0 +1,49 @@
+"""A run's configuration, one idea per module:
+
+- schema: the typed dataclasses (the one source of defaults) and shared constants;
+- paths: `~`, `pkg:` and relative paths, globs;
+- checks: a merged mapping to a validated Config, or one ConfigError naming the key;
+- files: YAML reading with `base:` inheritance and `--set` overrides (`load`);
+- plan: expansion of sweeps and globs into single runs, hashing and run ids.
+
+`from pipeline import config` gives the names other rooms use.
+"""
+
+from pipeline.config.checks import check_stage_sizes, from_dict
+from pipeline.config.files import apply_override, load, load_raw, parse_yaml
+from pipeline.config.paths import expand_glob, expand_path, is_glob
+from pipeline.config.plan import config_hash, expand, run_id, slug, to_dict, to_yaml
+from pipeline.config.schema import (
+    BLOCK_CHANNELS,
+    BLOCK_CONVS,
+    COLOR_MODES,
+    DEFAULT_HISTORY,
+    INIT_KINDS,
+    MAX_SIZE,
+    METHODS,
+    NETWORKS,
+    PATH_KEYS,
+    POOLINGS,
+    PRECISIONS,
+    UNHASHED_KEYS,
+    VGG19_CONV_LAYERS,
+    WEIGHT_KINDS,
+    Config,
+    ConfigError,
+    LossConfig,
+    ModelConfig,
+    OptimizerConfig,
+    conv_layers,
+    deepest_block,
+    dotted_keys,
+    get_dotted,
+    history,
+    layer_channels,
+    long_side_shape,
+    normalised,
+    set_dotted,
+    style_list,
+    style_size,
+    style_weights,
+    unknown_key,
+)
