@@ -162,28 +162,35 @@ CORE = 64
 
 
 def inputs(shape, masks: bool):
-    """Content, two styles, the generated image, and, with `masks`, a soft mask for the first
-    style (the second everywhere) and a content mask."""
+    """Content, two styles, the generated image, a video frame's temporal term (a warped
+    frame, its weights and the term's weight); with `masks`, a soft mask for the first style
+    (the second everywhere) and a content mask."""
     rng = np.random.default_rng(2)
     h, w = shape
-    content, x = (rng.uniform(0, 255, (h, w, 3)).astype("float32") for _ in range(2))
+    content, x, warped = (rng.uniform(0, 255, (h, w, 3)).astype("float32") for _ in range(3))
     styles = [rng.uniform(0, 255, s + (3,)).astype("float32") for s in ((150, 200), (120, 190))]
+    temporal = (warped, rng.uniform(0, 1, (h, w)).astype("float32"), 30.0)
     if not masks:
-        return content, styles, x, None, None
+        return content, styles, x, None, None, temporal
     left = np.clip(np.linspace(1.2, -0.2, w), 0, 1)[None, :].repeat(h, 0).astype("float32")
-    return content, styles, x, [left, None], rng.uniform(0, 1, (h, w)).astype("float32")
+    return (content, styles, x, [left, None], rng.uniform(0, 1, (h, w)).astype("float32"),
+            temporal)
 
 
 @functools.cache
-def whole_and_tiled(network_name, pooling, shape, masks=True, precision="float32", core=CORE):
+def whole_and_tiled(network_name, pooling, shape, masks=True, precision="float32", core=CORE,
+                    video=False):
     """The whole objective's value-and-gradient (losses.Objective, autodiff), the tiled one
-    for the same arguments, and the generated image; kept for the tests that follow."""
+    for the same arguments, and the generated image; kept for the tests that follow. `video`
+    adds a video frame's temporal term."""
     cfg, extractor, names = network(network_name, pooling, precision=precision, **BALANCED)
-    content, styles, x, style_masks, content_mask = inputs(shape, masks)
-    objective = Objective(extractor, names, cfg, content, styles, style_masks, content_mask)
+    content, styles, x, style_masks, content_mask, temporal = inputs(shape, masks)
+    temporal = temporal if video else None
+    objective = Objective(extractor, names, cfg, content, styles, style_masks, content_mask,
+                          temporal)
     whole = autodiff.value_and_grad(objective, extractor.variables)
     tiled = TiledValueAndGrad(extractor, names, cfg, content, styles, core, style_masks,
-                              content_mask)
+                              content_mask, temporal)
     return whole, tiled, x, objective
 
 
@@ -194,10 +201,13 @@ def _forget_networks():
     whole_and_tiled.cache_clear()
 
 
-def errors(network_name, pooling, shape, masks=True, precision="float32", core=CORE) -> dict:
+def errors(network_name, pooling, shape, masks=True, precision="float32", core=CORE,
+           video=False) -> dict:
     """Relative differences, tiled against whole: the total, each term, and the gradient
     (its largest difference over its largest entry)."""
-    whole, tiled, x, _ = whole_and_tiled(network_name, pooling, shape, masks, precision, core)
+    whole, tiled, x, objective = whole_and_tiled(network_name, pooling, shape, masks, precision,
+                                                 core, video)
+    assert tiled.terms == objective.terms
     (total, terms, grad), (t_total, t_terms, t_grad) = whole(x), tiled(x)
     assert len(tiled.tiles) >= 2 and t_grad.shape == grad.shape and t_grad.dtype == np.float32
     out = {"total": abs(t_total - total) / abs(total),
@@ -207,16 +217,17 @@ def errors(network_name, pooling, shape, masks=True, precision="float32", core=C
 
 
 # 200 x 260 with a 64 px core is 1 x 2 tiles (a window is up to 64 + 150 px); 232 x 280 is
-# 2 x 3, one with halos on both sides. The sizes are odd at several poolings.
+# 2 x 3, one with halos on both sides, here with the blended objective and a video frame's
+# temporal term. The sizes are odd at several poolings.
 CASES = [("vgg19", "avg", (200, 260), True), ("vgg19", "max", (200, 260), True),
          ("vgg16", "avg", (200, 260), True), ("vgg16", "max", (200, 260), True),
-         ("vgg19", "max", (232, 280), False)]
+         ("vgg19", "max", (232, 280), False, "float32", CORE, True)]
 
 
-@pytest.mark.parametrize("network_name, pooling, shape, masks", CASES)
-def test_tiled_objective_equals_the_whole_one(network_name, pooling, shape, masks):
-    found = errors(network_name, pooling, shape, masks)
-    print(network_name, pooling, shape, "masks" if masks else "blend", found)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:4])))
+def test_tiled_objective_equals_the_whole_one(case):
+    found = errors(*case)
+    print(case, found)
     assert max(found.values()) < 1e-4, found
 
 
@@ -280,5 +291,8 @@ def test_device_methods_run_tiled_one_iteration_per_call(vgg19_pair):
     assert s_tiled[0].image is not None and set(s_tiled[0].state()) >= {"m", "v", "t"}
     np.testing.assert_allclose([s.total for s in s_tiled], [s.total for s in s_whole],
                                rtol=1e-5)
-    # Adam divides by sqrt(v): where a gradient is tiny its step magnifies float32 noise.
-    np.testing.assert_allclose(r_tiled.image, r_whole.image, atol=0.1)
+    # Adam divides by sqrt(v) + 0.1 / 255: where a gradient is that small, its step (up to
+    # 5.1 grey levels) follows float32 noise, so a few pixels part by tenths of a level.
+    difference = np.abs(r_tiled.image - r_whole.image)
+    assert difference.mean() < 1e-3 and difference.max() < 1.0, (difference.mean(),
+                                                                   difference.max())

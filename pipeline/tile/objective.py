@@ -10,7 +10,8 @@ import numpy as np
 from keras import ops
 
 from pipeline import autodiff
-from pipeline.losses import downsample_mask, normalised, total_variation, weighted_layers
+from pipeline.config import normalised
+from pipeline.losses import downsample_mask, temporal_loss, total_variation, weighted_layers
 from pipeline.model import preprocess
 from pipeline.tile.geometry import (
     KERNEL,
@@ -169,14 +170,14 @@ class TiledValueAndGrad:
     Pass 2, forward and backward: every tile's share, <F^T F, dL/dG / N> summed over its
     Grams plus its content sums, has the whole objective's gradient through that tile's core
     features, since the loss depends on them only through those sums; its pixel gradient is
-    added into the window's place (overlapping halos add up). TV needs no network: it is
-    computed on the whole image.
+    added into the window's place (overlapping halos add up). TV (and a video frame's temporal
+    term) needs no network: it is computed on the whole image.
     """
 
-    terms = ("content", "style", "tv")
+    terms = ("content", "style", "tv")  # and "temporal" for a video frame, as Objective's
 
     def __init__(self, extractor, layer_names, cfg, content, styles, core: int,
-                 style_masks=None, content_mask=None):
+                 style_masks=None, content_mask=None, temporal=None):
         """As losses.Objective, plus `core`: the side of a tile's core in pixels."""
         self.net = TileNetwork(extractor, cfg.model.network)
         self.shape = tuple(content.shape[:2])
@@ -230,7 +231,13 @@ class TiledValueAndGrad:
             self.contents.append((name, target, mask, count * target.shape[-1]))
         # Each tile's constants: its core's crops of the masks and content targets.
         self.constants = [self._constants(tile) for tile, _ in self.tiles]
-        self._tv = autodiff.gradient(lambda x: (total_variation(x), ()), [])
+        # The terms of the pixels alone, on the whole image.
+        self.temporal = ()
+        if temporal is not None:
+            warped, weights, self.temporal_weight = temporal
+            self.temporal = (np.asarray(warped, np.float32), np.asarray(weights, np.float32))
+            self.terms = (*TiledValueAndGrad.terms, "temporal")
+        self._pixel_terms = autodiff.gradient(self._on_pixels, [])
 
     def _constants(self, tile: Tile):
         def crop(a, name):
@@ -243,6 +250,16 @@ class TiledValueAndGrad:
         return masks, targets, content_masks
 
     # ---------------------------------------------------------------- in keras.ops, traced
+
+    def _on_pixels(self, x, *temporal):
+        """TV (and the temporal term, given the warped frames and their weights), weighted,
+        and each unweighted: the terms that need no network."""
+        terms = {"tv": total_variation(x)}
+        value = self.weights[2] * terms["tv"]
+        if temporal:
+            terms["temporal"] = temporal_loss(x, *temporal)
+            value = value + self.temporal_weight * terms["temporal"]
+        return value, terms
 
     def _sums(self, x, frames, masks, targets, content_masks):
         """A tile's shares: its raw Gram matrices, in the order of self.weightings, and its
@@ -284,7 +301,7 @@ class TiledValueAndGrad:
 
     def __call__(self, x: np.ndarray) -> tuple[float, dict, np.ndarray]:
         x = np.asarray(x, np.float32)
-        cw, sw, tw = self.weights
+        cw, sw, _ = self.weights
         # Pass 1: the Grams and content sums of the whole image, as sums of the cores' shares.
         grams, sums = None, None
         for (tile, frames), constants in zip(self.tiles, self.constants):
@@ -310,12 +327,12 @@ class TiledValueAndGrad:
         content = sum(weights[name] * s / d for (name, _, _, d), s in zip(self.contents, sums))
         coefficients = np.array([cw * weights[name] / d for name, _, _, d in self.contents],
                                 np.float32)
-        tv, _, tv_grad = self._tv(x)
-        tv = float(tv)
-        terms = {"content": float(content), "style": float(style), "tv": tv}
-        total = cw * terms["content"] + sw * terms["style"] + tw * tv
+        pixels, on_pixels, grad = self._pixel_terms(x, *self.temporal)
+        terms = {"content": float(content), "style": float(style),
+                 **{k: float(v) for k, v in on_pixels.items()}}
+        total = cw * terms["content"] + sw * terms["style"] + float(pixels)
         # Pass 2: each tile's share differentiated, added into its window.
-        grad = tw * np.asarray(ops.convert_to_numpy(tv_grad), np.float32)
+        grad = np.array(ops.convert_to_numpy(grad), np.float32)
         slopes = [s.astype(np.float32) for s in slopes]
         for (tile, frames), constants in zip(self.tiles, self.constants):
             _, _, g = self._compiled("share", frames)(window(x, tile), *constants, slopes,
