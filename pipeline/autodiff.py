@@ -1,5 +1,6 @@
-"""The one backend-specific piece: a compiled value-and-gradient of the objective, and
-compiled optimiser loops that call it.
+"""The one backend-specific piece: a compiled value-and-gradient of the objective, compiled
+optimiser loops that call it, and the compiled functions of a tile (pipeline/tile): a forward
+pass, and the gradient of a tile's share of the objective.
 
 Everything else is written in keras.ops and runs on any Keras backend; taking a gradient with
 respect to an input, and compiling a function, are not part of keras.ops, so each backend
@@ -23,12 +24,41 @@ def value_and_grad(objective, variables) -> ValueAndGrad:
     `variables` are the Keras variables the objective reads (the network's weights); the JAX
     version passes them as arguments so that they are not baked into the compiled program.
     """
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        return _tensorflow(objective)
-    if backend == "jax":
-        return _jax(objective, variables)
-    raise RuntimeError(f"Keras backend '{backend}' is not supported: use tensorflow or jax")
+    step = gradient(objective, variables)
+    return lambda x: _to_host(*step(x))
+
+
+def gradient(fn, variables) -> Callable:
+    """Compile `fn(x, *args) -> (value, aux)` into a function of (x, *args) giving
+    (value, aux, d value / d x) as backend tensors. `args` and `aux` are arrays or nested
+    lists and dicts of them; `variables` as for value_and_grad. One compile per shape."""
+    backend = _backend()
+    return _tensorflow_gradient(fn) if backend == "tensorflow" else _jax_gradient(fn, variables)
+
+
+def function(fn, variables) -> Callable:
+    """Compile `fn(*args) -> outputs` (no gradient) for the active backend; outputs are
+    backend tensors. One compile per shape."""
+    if _backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, autograph=False)
+    import jax
+
+    def pure(values, *args):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            return fn(*args)
+
+    run = jax.jit(pure)
+    values = [v.value for v in variables]
+    return lambda *args: run(values, *args)
+
+
+def once(fn, variables) -> Callable:
+    """`fn(*args) -> outputs` (no gradient) for a function called about once per shape (the
+    targets): eagerly on TensorFlow, where a trace costs more than a run; compiled on JAX,
+    whose eager ops are compiled one by one, for every new shape again."""
+    return fn if _backend() == "tensorflow" else function(fn, variables)
 
 
 def compiled_loop(objective, variables, program) -> Callable:
@@ -40,12 +70,9 @@ def compiled_loop(objective, variables, program) -> Callable:
     `state` is a dict of arrays and `n` an int; neither shape nor `n` causes a recompile.
     Returns a function of (state, n) giving `program`'s outputs as backend tensors.
     """
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
+    if _backend() == "tensorflow":
         return _tensorflow_loop(objective, program)
-    if backend == "jax":
-        return _jax_loop(objective, variables, program)
-    raise RuntimeError(f"Keras backend '{backend}' is not supported: use tensorflow or jax")
+    return _jax_loop(objective, variables, program)
 
 
 def environment() -> dict:
@@ -87,32 +114,40 @@ def _to_host(total, terms, grad):
     return float(total), {k: float(v) for k, v in terms.items()}, np.asarray(grad)
 
 
-def _tensorflow(objective) -> ValueAndGrad:
+def _backend() -> str:
+    backend = keras.backend.backend()
+    if backend not in ("tensorflow", "jax"):
+        raise RuntimeError(f"Keras backend '{backend}' is not supported: use tensorflow or jax")
+    return backend
+
+
+def _tensorflow_gradient(fn):
     import tensorflow as tf
 
-    @tf.function
-    def step(x):
+    # No autograph: the objective branches on Python values only, and tracing is faster.
+    @tf.function(autograph=False)
+    def step(x, *args):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            total, terms = objective(x)
-        return total, terms, tape.gradient(total, x)
+            value, aux = fn(x, *args)
+        return value, aux, tape.gradient(value, x)
 
-    return lambda x: _to_host(*step(tf.constant(x)))
+    return lambda x, *args: step(tf.constant(x), *args)
 
 
-def _jax(objective, variables) -> ValueAndGrad:
+def _jax_gradient(fn, variables):
     import jax
 
-    def pure(x, values):
+    def pure(x, values, *args):
         with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-            return objective(x)
+            return fn(x, *args)
 
     step = jax.jit(jax.value_and_grad(pure, has_aux=True))
     values = [v.value for v in variables]
 
-    def call(x):
-        (total, terms), grad = step(x, values)
-        return _to_host(total, terms, grad)
+    def call(x, *args):
+        (value, aux), grad = step(x, values, *args)
+        return value, aux, grad
 
     return call
 

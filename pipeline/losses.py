@@ -86,6 +86,14 @@ def temporal_loss(x, warped, weights):
     return ops.sum(d) / (x.shape[0] * x.shape[1] * x.shape[2])
 
 
+def weighted_layers(cfg) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """The content and the style layers, each with its normalised weight."""
+    m = cfg.model
+    return (list(zip(m.content_layers, normalised(m.content_layer_weights,
+                                                  len(m.content_layers)))),
+            list(zip(m.style_layers, normalised(style_weights(m), len(m.style_layers)))))
+
+
 class Objective:
     """The loss of a generated image against targets computed once, at construction.
 
@@ -106,11 +114,8 @@ class Objective:
         the term `temporal` (None: the objective is an image's, unchanged)."""
         self.extractor = extractor
         self.index = {name: i for i, name in enumerate(layer_names)}
-        m, loss = cfg.model, cfg.loss
-        self.content_layers = list(zip(m.content_layers,
-                                       normalised(m.content_layer_weights, len(m.content_layers))))
-        self.style_layers = list(zip(m.style_layers,
-                                     normalised(style_weights(m), len(m.style_layers))))
+        loss = cfg.loss
+        self.content_layers, self.style_layers = weighted_layers(cfg)
         self.weights = (loss.content_weight, loss.style_weight, loss.tv_weight)
         # The targets: a handful of VGG19 passes, each image once (images of one shape together).
         content_features, *style_features = self._features([content, *styles])

@@ -1,0 +1,298 @@
+"""The objective tile by tile (pipeline/tile): receptive fields against the gradient of one
+feature position, windows and cores against the fields they must cover, stitched features
+against the whole network's, and the tiled loss and gradient against losses.Objective with
+autodiff.value_and_grad (the independent computation), on TensorFlow and on JAX."""
+
+import ast
+import dataclasses
+import functools
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT, cli_env
+from keras import ops
+
+from pipeline import autodiff, config, model, optimize
+from pipeline.config import conv_layers
+from pipeline.losses import Objective
+from pipeline.optimize import device
+from pipeline.tile import geometry, loop
+from pipeline.tile.objective import TiledValueAndGrad, TileNetwork
+
+# Weights under which each term moves the gradient about as much as the others (with random
+# VGG weights the style term's gradient is ~1000x the content term's per unit weight), so that
+# an error in any one of them shows in the gradient.
+BALANCED = {"content_weight": 1000.0, "style_weight": 1.0, "tv_weight": 100.0}
+
+
+def network(name="vgg19", pooling="avg", layers=None, precision="float32", **loss):
+    """A config and its extractor (random weights); `layers` replaces the style layers."""
+    cfg = config.Config(content="c.png", style=["a.png", "b.png"], style_blend=[1.0, 3.0])
+    cfg.model = dataclasses.replace(cfg.model, network=name, pooling=pooling, weights="random",
+                                    precision=precision)
+    if layers is not None:
+        cfg.model = dataclasses.replace(cfg.model, style_layers=list(layers),
+                                        style_layer_weights=None)
+    cfg.loss = dataclasses.replace(cfg.loss, **loss)
+    return cfg, *model.feature_extractor(cfg.model, seed=0)[:2]
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def test_receptive_fields_follow_the_architecture():
+    """The issue's statement (VGG19's block5_conv1 sees 156 px), and the recurrence written
+    out by hand for the first layers: a 3x3 conv adds one position each side at its stride,
+    a 2x2 pooling one position on the right and doubles the stride."""
+    fields = geometry.receptive_fields("vgg19")
+    assert fields["block5_conv1"].size == 156 and fields["block5_conv1"].stride == 16
+    assert [(f.stride, f.size) for f in list(fields.values())[:4]] == [
+        (1, 3), (1, 5), (2, 5 + 1 + 2 * 2), (2, 10 + 2 * 2)]
+    assert all(f.size == 2 * f.margin + f.stride for f in fields.values())
+    assert list(geometry.receptive_fields("vgg16")) == list(conv_layers("vgg16"))
+    # The halo comes from the deepest layer, in whatever order the layers are listed.
+    assert geometry.halo("vgg19", ["block5_conv1", "block1_conv1", "block4_conv2"]) == \
+        geometry.Halo(stride=16, before=80, after=70)
+    assert geometry.halo("vgg16", ["block3_conv1", "block1_conv1"]) == geometry.Halo(4, 12, 10)
+
+
+@pytest.mark.parametrize("network_name", ["vgg19", "vgg16"])
+def test_receptive_fields_match_the_gradient_of_one_feature_position(network_name):
+    """d F_l[p, p] / d pixels, summed over channels, with random weights and average pooling:
+    non-zero on exactly the rows and columns the field says, at a layer of each kind: in the
+    first block, after a pooling, and the default content and deepest style layers."""
+    fields = geometry.receptive_fields(network_name)
+    _, extractor, names = network(network_name, layers=["block1_conv2", "block2_conv1",
+                                                        "block5_conv1"])
+    fields = {n: fields[n] for n in names}  # and the content layer, block4_conv2
+    # Each layer's position p sees [p j - margin, p j + j + margin); keep that inside.
+    spots = {n: -(-f.margin // f.stride) + 1 for n, f in fields.items()}
+    side = max((spots[n] + 2) * f.stride + f.margin for n, f in fields.items())
+
+    def probe(x, choice):
+        maps = extractor(model.preprocess(x[None]))
+        value = sum(choice[i] * ops.sum(ops.cast(m[0, spots[n], spots[n], :], "float32"))
+                    for i, (n, m) in enumerate(zip(names, maps)))
+        return value, ()
+
+    gradient = autodiff.gradient(probe, extractor.variables)
+    x = np.random.default_rng(0).uniform(0, 255, (side, side, 3)).astype("float32")
+    for i, (name, field) in enumerate(fields.items()):
+        _, _, g = gradient(x, np.eye(len(names), dtype="float32")[i])
+        seen = np.abs(ops.convert_to_numpy(g)).sum(axis=2) > 0
+        start = spots[name] * field.stride - field.margin
+        expected = np.arange(start, start + field.size)
+        np.testing.assert_array_equal(np.flatnonzero(seen.any(axis=1)), expected, err_msg=name)
+        np.testing.assert_array_equal(np.flatnonzero(seen.any(axis=0)), expected, err_msg=name)
+
+
+@pytest.mark.parametrize("length", [1, 15, 16, 100, 182, 183, 200, 260, 513, 1030])
+@pytest.mark.parametrize("core", [16, 32, 64, 256])
+def test_cores_partition_every_layer_and_windows_cover_their_fields(length, core):
+    """For every layer of VGG19 up to block5_conv1: the cores' positions (floored as the
+    network floors) partition the layer's positions, and each core position's field lies in
+    its window unless it leaves the image. Windows start on the deepest stride and none is
+    longer than core + both halos."""
+    fields = geometry.receptive_fields("vgg19")
+    fields = {n: f for n, f in fields.items() if n <= "block5_conv1"}
+    halo = geometry.halo("vgg19", ["block5_conv1"])
+    spans = geometry.spans(length, core, halo)
+    assert all(s.start % 16 == 0 for s in spans)
+    assert all(s.stop - s.start <= geometry.window_limit(core, halo) for s in spans)
+    for name, f in fields.items():
+        owner = np.zeros(length // f.stride, int)
+        for s in spans:
+            positions = np.arange(s.core_start // f.stride, s.core_stop // f.stride)
+            owner[positions] += 1
+            if positions.size:
+                need_lo = max(0, positions[0] * f.stride - f.margin)
+                need_hi = min(length, (positions[-1] + 1) * f.stride + f.margin)
+                assert s.start <= need_lo and need_hi <= s.stop, (name, s)
+        assert np.all(owner == 1), name
+
+
+def test_a_core_that_is_not_a_multiple_of_the_stride_names_the_nearest_valid_value():
+    with pytest.raises(ValueError, match="nearest valid value is 96"):
+        geometry.check_core(100, 16)
+    with pytest.raises(ValueError, match="nearest valid value is 16"):
+        geometry.check_core(0, 16)
+    with pytest.raises(ValueError, match="nearest valid value is 112"):
+        geometry.spans(300, 110, geometry.Halo(16, 80, 70))
+    cfg, extractor, names = network()
+    image = np.zeros((40, 48, 3), np.float32)
+    with pytest.raises(ValueError, match="multiple of 16 px.*nearest valid value is 32"):
+        TiledValueAndGrad(extractor, names, cfg, image, [image], 27)
+
+
+# --------------------------------------------------------------------------- features
+
+
+@pytest.mark.parametrize("network_name, pooling, deepest, shape, core", [
+    ("vgg19", "max", "block5_conv1", (233, 213), 32),
+    ("vgg16", "avg", "block4_conv2", (171, 205), 24),
+])
+def test_stitched_features_equal_the_whole_images_at_every_layer(network_name, pooling, deepest,
+                                                                  shape, core):
+    """Every conv layer up to the deepest (odd sizes, so poolings floor at the ends): the
+    cores' features, put together, are what the network computes on the whole image, and the
+    sums of the cores' Gram shares are the whole image's Gram matrices."""
+    names = [n for n in conv_layers(network_name) if n <= deepest]
+    _, extractor, _ = network(network_name, pooling, layers=names)
+    image = np.random.default_rng(1).uniform(0, 255, (*shape, 3)).astype("float32")
+    whole = extractor(model.preprocess(ops.convert_to_tensor(image[None])))
+    net = TileNetwork(extractor, network_name)
+    assert len(net.tiles(shape, core)) >= 4
+    stitched, grams = net.targets(image, core, features=names, grams=names)
+    for name, reference in zip(names, whole):
+        reference = ops.convert_to_numpy(reference)[0]
+        assert stitched[name].shape == reference.shape, name
+        np.testing.assert_allclose(stitched[name], reference, rtol=1e-5,
+                                   atol=1e-5 * np.abs(reference).max(), err_msg=name)
+        flat = reference.reshape(-1, reference.shape[-1]).astype(np.float64)
+        gram = flat.T @ flat / flat.shape[0]
+        np.testing.assert_allclose(grams[name], gram, rtol=1e-5, atol=1e-6 * np.abs(gram).max(),
+                                   err_msg=name)
+
+
+# --------------------------------------------------------------------------- the objective
+
+CORE = 64
+
+
+def inputs(shape, masks: bool):
+    """Content, two styles, the generated image, a video frame's temporal term (a warped
+    frame, its weights and the term's weight); with `masks`, a soft mask for the first style
+    (the second everywhere) and a content mask."""
+    rng = np.random.default_rng(2)
+    h, w = shape
+    content, x, warped = (rng.uniform(0, 255, (h, w, 3)).astype("float32") for _ in range(3))
+    styles = [rng.uniform(0, 255, s + (3,)).astype("float32") for s in ((150, 200), (120, 190))]
+    temporal = (warped, rng.uniform(0, 1, (h, w)).astype("float32"), 30.0)
+    if not masks:
+        return content, styles, x, None, None, temporal
+    left = np.clip(np.linspace(1.2, -0.2, w), 0, 1)[None, :].repeat(h, 0).astype("float32")
+    return (content, styles, x, [left, None], rng.uniform(0, 1, (h, w)).astype("float32"),
+            temporal)
+
+
+@functools.cache
+def whole_and_tiled(network_name, pooling, shape, masks=True, precision="float32", core=CORE,
+                    video=False):
+    """The whole objective's value-and-gradient (losses.Objective, autodiff), the tiled one
+    for the same arguments, and the generated image; kept for the tests that follow. `video`
+    adds a video frame's temporal term."""
+    cfg, extractor, names = network(network_name, pooling, precision=precision, **BALANCED)
+    content, styles, x, style_masks, content_mask, temporal = inputs(shape, masks)
+    temporal = temporal if video else None
+    objective = Objective(extractor, names, cfg, content, styles, style_masks, content_mask,
+                          temporal)
+    whole = autodiff.value_and_grad(objective, extractor.variables)
+    tiled = TiledValueAndGrad(extractor, names, cfg, content, styles, core, style_masks,
+                              content_mask, temporal)
+    return whole, tiled, x, objective
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _forget_networks():
+    """The networks kept for the tests that share them go when this module is done."""
+    yield
+    whole_and_tiled.cache_clear()
+
+
+def errors(network_name, pooling, shape, masks=True, precision="float32", core=CORE,
+           video=False) -> dict:
+    """Relative differences, tiled against whole: the total, each term, and the gradient
+    (its largest difference over its largest entry)."""
+    whole, tiled, x, objective = whole_and_tiled(network_name, pooling, shape, masks, precision,
+                                                 core, video)
+    assert tiled.terms == objective.terms
+    (total, terms, grad), (t_total, t_terms, t_grad) = whole(x), tiled(x)
+    assert len(tiled.tiles) >= 2 and t_grad.shape == grad.shape and t_grad.dtype == np.float32
+    out = {"total": abs(t_total - total) / abs(total),
+           "gradient": float(np.abs(t_grad - grad).max() / np.abs(grad).max())}
+    out.update({k: abs(t_terms[k] - terms[k]) / abs(terms[k]) for k in terms})
+    return out
+
+
+# 200 x 260 with a 64 px core is 1 x 2 tiles (a window is up to 64 + 150 px); 232 x 280 is
+# 2 x 3, one with halos on both sides, here with the blended objective and a video frame's
+# temporal term. The sizes are odd at several poolings.
+CASES = [("vgg19", "avg", (200, 260), True), ("vgg19", "max", (200, 260), True),
+         ("vgg16", "avg", (200, 260), True), ("vgg16", "max", (200, 260), True),
+         ("vgg19", "max", (232, 280), False, "float32", CORE, True)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:4])))
+def test_tiled_objective_equals_the_whole_one(case):
+    found = errors(*case)
+    print(case, found)
+    assert max(found.values()) < 1e-4, found
+
+
+def test_tiled_objective_equals_the_whole_one_on_jax():
+    """One of the cases above on JAX (the rest of the code is the same keras.ops): what is
+    JAX's own is autodiff's compiled tile functions."""
+    code = ("import keras, test_tile as t; assert keras.backend.backend() == 'jax'; "
+            "print('ERRORS', [t.errors(*t.CASES[3])])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "tests",
+                          env=cli_env(KERAS_BACKEND="jax"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = ast.literal_eval(proc.stdout.split("ERRORS", 1)[1].strip())
+    print("jax", found)
+    assert all(max(e.values()) < 1e-4 for e in found), found
+
+
+def test_bfloat16_network_tiled_agrees_with_whole():
+    """bfloat16 rounds each layer's output; windows of other shapes may round a few values
+    the other way, so the agreement is bfloat16's, not float32's; Grams and losses stay
+    float32 (the gradient is float32)."""
+    found = errors("vgg19", "avg", (120, 200), precision="bfloat16", core=32)
+    print("bfloat16", found)
+    assert max(found.values()) < 1e-2, found
+
+
+@pytest.fixture
+def vgg19_pair():
+    return whole_and_tiled(*CASES[0])
+
+
+def test_two_scipy_iterations_tiled_follow_the_whole_trace(vgg19_pair):
+    whole, tiled, x, _ = vgg19_pair
+    traces = []
+    for vg in (whole, tiled):
+        steps = []
+        result = optimize.minimize(vg, x, 2, on_step=steps.append)
+        traces.append([[s.total, *s.terms.values()] for s in steps]
+                      + [list(result.final.values())])
+    assert len(traces[0]) == 3 and len(traces[1]) == 3
+    np.testing.assert_allclose(traces[1], traces[0], rtol=1e-3)
+
+
+def test_device_methods_run_tiled_one_iteration_per_call(vgg19_pair):
+    """loop.compile_method: Adam driven by device.minimize with the tiled objective, eagerly,
+    against the compiled whole run: the same trace. (L-BFGS's first step is 1 / |g|_1 along
+    -g, so small that its first curvature pair is float32 noise either way: compiled and
+    eager whole runs part after two iterations, as tiled and whole do.)"""
+    whole, tiled, x, objective = vgg19_pair
+    extractor = objective.extractor
+    runs = []
+    for compiled in (device.compile_method(optimize.device_method("adam"), objective,
+                                           extractor.variables),
+                     loop.compile_method(optimize.device_method("adam"), tiled,
+                                         objective.terms)):
+        steps = []
+        result = device.minimize(compiled, x, 2, on_step=steps.append, checkpoint_every=1)
+        runs.append((result, steps))
+    (r_whole, s_whole), (r_tiled, s_tiled) = runs
+    assert [s.iteration for s in s_tiled] == [1, 2]
+    assert s_tiled[0].image is not None and set(s_tiled[0].state()) >= {"m", "v", "t"}
+    np.testing.assert_allclose([s.total for s in s_tiled], [s.total for s in s_whole],
+                               rtol=1e-5)
+    # Adam divides by sqrt(v) + 0.1 / 255: where a gradient is that small, its step (up to
+    # 5.1 grey levels) follows float32 noise, so a few pixels part by tenths of a level.
+    difference = np.abs(r_tiled.image - r_whole.image)
+    assert difference.mean() < 1e-3 and difference.max() < 1.0, (difference.mean(),
+                                                                   difference.max())
