@@ -51,8 +51,8 @@ STYLE_PIXEL_BYTES = 24  # each style image, float32, at its size and as read
 # Each window frame (a window's length and its core's place in it, per side) is a compiled
 # function of its own: two for the objective's passes and one for the content targets per
 # frame of the content's tiling, one per frame of each style image's. Measured on the CPU
-# (TensorFlow): 6-8 MB each.
-FUNCTION_BYTES = 8e6
+# (TensorFlow): 6-8 MB each for VGG19 to block5_conv1 (13 convolutions), less for fewer.
+FUNCTION_BYTES_PER_CONV = 0.6e6
 # Seconds: each window runs forward twice and backward once (a backward costs about two
 # forwards), where the whole image runs forward and backward once: 4/3 of the whole model's
 # time per window pixel. benchmarks/bench_tiles.py measures it.
@@ -261,6 +261,10 @@ class _Model:
         self.optimiser = 0.0 if on_device and method == "scipy" else optimiser_bytes(method, m)
         self.pixel_bytes = TILED_PIXEL_BYTES + target_bytes(cfg.model) + self.optimiser
         self.halo = geometry.objective_halo(cfg)
+        fields = geometry.receptive_fields(cfg.model.network)
+        deepest = max((*cfg.model.content_layers, *cfg.model.style_layers),
+                      key=list(fields).index)
+        self.function_bytes = FUNCTION_BYTES_PER_CONV * (list(fields).index(deepest) + 1)
         self.stages = []
         for stage in scales.stages(cfg):
             shape = scaled_shape(*content, stage.size)
@@ -291,7 +295,7 @@ class _Model:
                 tiles, optimiser = len(rows) * len(cols), self.optimiser * pixels
                 functions = 3 * self.frames((h, w), tiled) + sum(
                     self.frames(s, tiled) for s in style_shapes)
-                stage_peak += FUNCTION_BYTES * functions
+                stage_peak += self.function_bytes * functions
             peak = max(peak, stage_peak)
             seconds += (stage.last - stage.first + 1) * per_iteration
         return _Figures(peak, per_iteration, seconds, tiles, optimiser)
