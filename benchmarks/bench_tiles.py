@@ -22,7 +22,7 @@ content and style images, content targets).
 
 The eager step (--eager-step SIZE): what the device optimisers' step costs per iteration on a
 cheap objective, compiled (device.py) and run eagerly one iteration per host call, as a tiled
-run takes it (pipeline/tile/loop.py).
+run takes it (device.compile_host).
 """
 
 from __future__ import annotations
@@ -118,21 +118,21 @@ class Bowl:
 def eager_step(size: int, iterations: int) -> dict:
     """Seconds per iteration of each device method's step at `size` px on a cheap objective:
     compiled, many iterations per call (device.py), against eager, one per host call (as
-    tiled runs take it, loop.py)."""
+    tiled runs take it, device.compile_host)."""
     import numpy as np
 
     from pipeline import autodiff, optimize
     from pipeline.optimize import device
-    from pipeline.tile import loop
 
     x = np.random.default_rng(0).uniform(0, 255, (size, size, 3)).astype(np.float32)
     host_vg = autodiff.value_and_grad(Bowl(), [])
+    host_vg.terms = Bowl.terms  # compile_host reads them off the value-and-gradient
     out = {"size": size}
     for name, history in (("lbfgs", 30), ("adam", 0)):
         for how in ("compiled", "eager"):
             method = optimize.device_method(name, history)
             compiled = (device.compile_method(method, Bowl(), []) if how == "compiled" else
-                        loop.compile_method(method, host_vg, Bowl.terms))
+                        device.compile_host(method, host_vg))
             device.minimize(compiled, x, 3)  # compiles, outside the clock
             start = time.perf_counter()
             device.minimize(compiled, x, iterations)
