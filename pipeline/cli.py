@@ -146,7 +146,8 @@ def _estimate(cfg: config.Config, workers: int) -> int:
             continue
         one = estimates[job.run_id]
         largest = one.largest_tiled if one.tile else one.largest_size
-        fits = "fits" if one.fits else f"does NOT fit: largest size {largest}"
+        fits = ("fits" if one.fits else f"does NOT fit: largest size {largest}" if largest
+                else "does NOT fit at any size")
         print(f"{job.run_id}  {one.line().removeprefix('estimate: ')}  {fits}")
         print(f"{' ' * len(job.run_id)}  {one.comparison()}")  # whole against tile by tile
     return EXIT_OK

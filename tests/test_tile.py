@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ import yaml
 from conftest import ROOT, cli_env, run_cli, write_config, write_image
 from keras import ops
 
-from pipeline import autodiff, config, estimate, model, optimize
+from pipeline import autodiff, config, estimate, jobs, model, optimize
 from pipeline.config import conv_layers
 from pipeline.losses import Objective
 from pipeline.optimize import device
@@ -472,3 +473,92 @@ def test_a_tiled_runs_memory_grows_only_by_its_pixel_and_optimiser_arrays(tmp_pa
           f"whole growth {whole_growth / 1e6:.0f} MB")
     assert tiled_growth == pytest.approx(expected, rel=0.25)
     assert tiled_growth < 0.5 * whole_growth
+
+
+# --------------------------------------------------------------------------- runs that do not fit
+
+# A run cheap enough to run: 80 x 96 px, one iteration, a network cut at block2_conv1 (a halo of
+# a few pixels, so that small cores cut it into a few tiles).
+SMALL_AND_SHALLOW = ["size=96", "optimizer.iterations=1", "checkpoint_every=0",
+                     "model.content_layers=[block2_conv1]",
+                     "model.style_layers=[block1_conv1,block2_conv1]"]
+
+
+def sets(*values):
+    return [arg for value in values for arg in ("--set", value)]
+
+
+def machine_with(folder, fixed: float, per_pixel: float) -> dict:
+    """The environment of a machine whose calibration (of the default setup, cached as a
+    calibration caches it) says a run needs `fixed` + `per_pixel` x pixels bytes whole, and
+    nothing per style pixel: figures a test can work out by hand, with no calibration to pay."""
+    key = estimate.calibration_key()
+    data = {"key": key, "memory": [fixed, per_pixel], "style": 0.0, "seconds": [0.01, 1e-6],
+            "history": None, "device": "cpu", "device_memory": None}
+    (folder / "cache").mkdir()
+    (folder / "cache" / estimate.cache_name(key)).write_text(json.dumps(data))
+    return {"PIPELINE_CACHE_DIR": str(folder / "cache")}
+
+
+def test_a_run_that_does_not_fit_whole_is_refused_off_and_tiled_by_auto(tmp_path):
+    """PIPELINE_MEMORY_LIMIT a megabyte under what the run needs whole: with `tile: off`, or a
+    tile larger than the image (whole again), the command exits 2 before anything starts, in
+    one line naming the largest size that fits (80 px, worked out by hand from a made-up
+    calibration) and suggesting tile: auto; with `tile: auto` it says in one line which core
+    it chose, runs tile by tile and completes, and the run's files say so."""
+    path = write_config(tmp_path, name="big")
+    # 40 x 48 px scaled to 96: 80 x 96 px, whole 1 GB + 20 kB x 7680 px; 80 px: 67 x 80 px.
+    whole = 1e9 + 20e3 * 80 * 96
+    limit = whole - 1e6
+    env = {**machine_with(tmp_path, 1e9, 20e3), "PIPELINE_MEMORY_LIMIT": str(int(limit))}
+    (job,) = jobs.plan(config.load(path, SMALL_AND_SHALLOW))
+    for tile in ("off", "4096"):
+        done = run_cli("run", path, *sets(*SMALL_AND_SHALLOW, f"tile={tile}"), env=env)
+        assert done.returncode == 2, done.stderr[-3000:]
+        (line,) = [x for x in done.stderr.splitlines() if x.startswith("error:")]
+        found = re.search(r"the largest size that fits is (\d+) .*or tile: auto \(--set "
+                          r"tile=auto\)", line)
+        assert found and "at 96x80" in line, line
+        assert not (tmp_path / "out" / "big" / job.run_id).exists()  # nothing started
+    assert found[1] == "80"
+
+    done = run_cli("run", path, *sets(*SMALL_AND_SHALLOW, "tile=auto"), env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [x for x in done.stderr.splitlines() if "tile: auto chose" in x]
+    core, tiles = map(int, re.search(r"a (\d+) px core, (\d+) tiles", line).groups())
+    peak = float(re.search(r"peak memory ([\d.]+) GB", line)[1]) * 1e9
+    assert peak <= limit + 5e6 and core % 2 == 0 and core < 96 and tiles > 1
+    folder = tmp_path / "out" / "big" / job.run_id
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert (metrics["status"], metrics["tile"], metrics["tiles"]) == ("completed", core, tiles)
+    assert [json.loads(r)["tile"] for r in (folder / "trace.jsonl").read_text().splitlines()] \
+        == [core]
+    assert yaml.safe_load((folder / "config.yaml").read_text())["tile"] == core
+
+
+def test_the_estimate_names_the_optimiser_where_its_memory_dominates(tmp_path):
+    """At 4096 px, scipy's L-BFGS-B (history 10) keeps at least 2 x 10 float64 vectors of the
+    image (s and y, three channels: 6.7 GB here), which no tile shrinks; under a 12 GB cap
+    `python -m pipeline estimate` says the run does not fit, that scipy keeps most of it, and
+    that Adam (no history) would fit while lbfgs (history 30, float32) would not."""
+    path = write_config(tmp_path, name="print", size=4096)
+    env = {**machine_with(tmp_path, 1e9, 20e3), "PIPELINE_MEMORY_LIMIT": "12G"}
+    done = run_cli("estimate", path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = done.stdout.splitlines()[0]
+    assert "4096x3413" in line and "does NOT fit" in line, line
+    peak = float(re.search(r"peak memory ([\d.]+) GB", line)[1])
+    kept = float(re.search(r"scipy's L-BFGS-B keeps ([\d.]+) GB of it, which tiling cannot "
+                           r"shrink", line)[1])
+    assert 2 * 10 * 8 * 3 * 4096 * 3413 / 1e9 <= kept and 0.5 * peak <= kept <= peak
+    adam = float(re.search(r"optimizer\.method adam ([\d.]+) GB would fit", line)[1])
+    assert adam <= 12 and "lbfgs" not in line.split("cannot shrink")[1]
+
+
+def test_a_refusal_where_no_size_fits_names_none():
+    """Where the fixed part alone exceeds the limit, the refusal names no size (size 0 is not
+    one a user can set)."""
+    one = estimate.Estimate("r", 96, 80, 2e9, 1.0, 1.0, 1e9, "cpu", largest_size=0)
+    assert "no size fits whole" in one.refusal() and "size=0" not in one.refusal()
+    tiled = dataclasses.replace(one, tile=32, tiles=4, largest_tiled=0)
+    assert "no size fits tile by tile" in tiled.refusal() and "size=0" not in tiled.refusal()

@@ -158,10 +158,13 @@ class Estimate:
                 f"exceeds the {self.limit_bytes / GB:.1f} GB this machine has for it "
                 f"({self.device})")
         if self.tile:
-            return (f"{said}; the largest size that fits tile by tile is {self.largest_tiled} "
-                    f"(--set size={self.largest_tiled}){self.optimiser_note()}")
+            return (f"{said}; " + (f"the largest size that fits tile by tile is "
+                                   f"{self.largest_tiled} (--set size={self.largest_tiled})"
+                                   if self.largest_tiled else "no size fits tile by tile")
+                    + self.optimiser_note())
         said += (f"; the largest size that fits is {self.largest_size} (--set "
-                 f"size={self.largest_size}, and scales to match)")
+                 f"size={self.largest_size}, and scales to match)" if self.largest_size else
+                 "; no size fits whole (what does not grow with the image is too much)")
         if self.tiled is not None and self.tiled.peak_bytes <= self.limit_bytes:
             said += (f", or tile: auto (--set tile=auto), which computes the same objective "
                      f"tile by tile in {self.tiled.peak_bytes / GB:.1f} GB")
