@@ -154,8 +154,21 @@ def child(mode: str, size: int, core: int) -> None:
     assert grad.shape == x.shape
     print("RESULT", json.dumps({"mode": mode, "size": size, "core": core, "setup_s": setup,
                                 "first_evaluation_s": first, "peak_before_gb": before / GB,
-                                "peak_gb": peak_rss() / GB, "total": total,
-                                "load": loadavg()}))
+                                "peak_gb": peak_rss() / GB, "device_peak_gb": device_peak(),
+                                "total": total, "load": loadavg()}))
+
+
+def device_peak() -> float | None:
+    """The GPU's peak memory in use by this process (GB; JAX only), or None on a CPU."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return None
+    import jax
+
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform == "gpu" else None
+    return stats["peak_bytes_in_use"] / GB if stats else None
 
 
 def in_child(mode: str, size: int, core: int, timeout: int) -> dict:
@@ -252,7 +265,9 @@ def main(argv=None):
         else:
             print(f"tiled {size} px core {args.largest_core}: one evaluation in "
                   f"{r['first_evaluation_s']:.0f} s (set-up {r['setup_s']:.0f} s), peak "
-                  f"{r['peak_gb']:.2f} GB  (load {r['load']})")
+                  f"{r['peak_gb']:.2f} GB" + (f" (GPU: {r['device_peak_gb']:.2f} GB)"
+                                              if r.get("device_peak_gb") else "")
+                  + f"  (load {r['load']})")
     write_json(args.json, summary)
 
 
