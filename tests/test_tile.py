@@ -539,20 +539,25 @@ def test_a_run_that_does_not_fit_whole_is_refused_off_and_tiled_by_auto(tmp_path
 def test_the_estimate_names_the_optimiser_where_its_memory_dominates(tmp_path):
     """At 4096 px, scipy's L-BFGS-B (history 10) keeps at least 2 x 10 float64 vectors of the
     image (s and y, three channels: 6.7 GB here), which no tile shrinks; under a 12 GB cap
-    `python -m pipeline estimate` says the run does not fit, that scipy keeps most of it, and
-    that Adam (no history) would fit while lbfgs (history 30, float32) would not."""
+    `python -m pipeline estimate` says the run does not fit at any core, that scipy keeps most
+    of it, and that Adam (no history) would fit, with the core it would take, while lbfgs
+    (history 30, float32) would not."""
     path = write_config(tmp_path, name="print", size=4096)
     env = {**machine_with(tmp_path, 1e9, 20e3), "PIPELINE_MEMORY_LIMIT": "12G"}
     done = run_cli("estimate", path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     line = done.stdout.splitlines()[0]
-    assert "4096x3413" in line and "does NOT fit" in line, line
+    assert "4096x3413: tile: auto finds no core that fits" in line and "does NOT fit" in line, \
+        line
     peak = float(re.search(r"peak memory ([\d.]+) GB", line)[1])
     kept = float(re.search(r"scipy's L-BFGS-B keeps ([\d.]+) GB of it, which tiling cannot "
                            r"shrink", line)[1])
     assert 2 * 10 * 8 * 3 * 4096 * 3413 / 1e9 <= kept and 0.5 * peak <= kept <= peak
-    adam = float(re.search(r"optimizer\.method adam ([\d.]+) GB would fit", line)[1])
-    assert adam <= 12 and "lbfgs" not in line.split("cannot shrink")[1]
+    found = re.search(r"optimizer\.method adam \(([\d.]+) GB with a (\d+) px core\) would fit",
+                      line)
+    assert found, line
+    assert float(found[1]) <= 12 and int(found[2]) % 16 == 0
+    assert "lbfgs" not in line.split("cannot shrink")[1]
 
 
 def test_a_refusal_where_no_size_fits_names_none():

@@ -110,7 +110,9 @@ class Estimate:
     tiled: Tiled | None = None  # tile by tile: at `tile`, or at the core auto would choose
     largest_tiled: int = 0  # the largest size that fits tile by tile (at the smallest core)
     method: str = "scipy"
-    fitting_methods: tuple = ()  # (method, peak bytes) of the other methods, tile by tile
+    # (method, peak bytes, core) of the other methods tile by tile, each at the largest core
+    # that fits it (None: none does; the bytes are then at the smallest core)
+    fitting_methods: tuple = ()
 
     @property
     def fits(self) -> bool:
@@ -122,6 +124,8 @@ class Estimate:
         how = ""
         if self.tile:
             chose = "tile: auto chose" if self.asked == "auto" else "tile:"
+            if self.asked == "auto" and not self.fits:
+                chose = "tile: auto finds no core that fits; the smallest,"
             how = (f"{chose} a {self.tile} px core, {self.tiles} tiles (whole, the run would "
                    f"need {self.whole_bytes / GB:.2f} GB): ")
         return (f"estimate: {self.width}x{self.height}: {how}peak memory "
@@ -144,7 +148,8 @@ class Estimate:
         if not self.tile or self.tiled is None or \
                 self.tiled.optimiser_bytes < 0.5 * self.tiled.peak_bytes:
             return ""
-        fit = [f"{m} {b / GB:.1f} GB" for m, b in self.fitting_methods if b <= self.limit_bytes]
+        fit = [f"{m} ({b / GB:.1f} GB with a {core} px core)"
+               for m, b, core in self.fitting_methods if core]
         names = {"scipy": "scipy's L-BFGS-B", "lbfgs": "lbfgs's history", "adam": "Adam"}
         return (f"; {names[self.method]} keeps {self.tiled.optimiser_bytes / GB:.1f} GB of it, "
                 "which tiling cannot shrink: " + (
@@ -368,11 +373,18 @@ def estimate(cfg: config.Config, run_id: str, cal: dict, limit: float,
         tiled = Tiled(shown, f.tiles, f.peak_bytes, f.seconds_per_iteration, f.seconds,
                       f.optimiser_bytes)
     # The other methods, tile by tile: the same peak with their vectors instead of these.
-    others = ()
+    others = []
     if tiled is not None:
-        others = tuple((m, tiled.peak_bytes + (optimiser_bytes(m, config.history(
-            config.OptimizerConfig(method=m))) - model.optimiser) * pixels)
-            for m in config.METHODS if m != model.method)
+        for m in config.METHODS:
+            if m == model.method:
+                continue
+            # This setup's figures with m's vectors instead of this method's, at the largest
+            # core that fits them, as auto would choose it (a tenth spare where one does).
+            more = (optimiser_bytes(m, config.history(config.OptimizerConfig(method=m)))
+                    - model.optimiser) * pixels
+            fits = (model.largest_core(limit * (1 - AUTO_HEADROOM) - more)
+                    or model.largest_core(limit - more))
+            others.append((m, model.run(fits or stride).peak_bytes + more, fits))
     # The largest sizes that fit: whole, and tile by tile at the smallest core.
     largest = _largest(cfg.size, model.a, model.b_run * pixels + model.c * style_pixels, limit)
     window = min(h, geometry.window_limit(stride, model.halo)) * min(
@@ -383,7 +395,7 @@ def estimate(cfg: config.Config, run_id: str, cal: dict, limit: float,
     return Estimate(run_id, w, h, chosen.peak_bytes, chosen.seconds_per_iteration,
                     chosen.seconds, limit, cal["device"], largest, disk, core, chosen.tiles,
                     asked, whole.peak_bytes, whole.seconds_per_iteration, tiled, largest_tiled,
-                    model.method, others)
+                    model.method, tuple(others))
 
 
 def for_jobs(jobs, workers: int = 1, log=None, on_skip=None) -> dict[str, Estimate]:
