@@ -89,6 +89,11 @@ class Tiled:
     seconds: float
     optimiser_bytes: float  # of peak_bytes: the optimiser's vectors
 
+    @property
+    def optimiser_dominates(self) -> bool:
+        """The optimiser's vectors are most of the peak: a smaller core hardly helps."""
+        return self.optimiser_bytes >= 0.5 * self.peak_bytes
+
 
 @dataclass
 class Estimate:
@@ -145,8 +150,7 @@ class Estimate:
 
     def optimiser_note(self) -> str:
         """Where the optimiser's vectors are most of a tiled peak: so, and the methods that fit."""
-        if not self.tile or self.tiled is None or \
-                self.tiled.optimiser_bytes < 0.5 * self.tiled.peak_bytes:
+        if not self.tile or self.tiled is None or not self.tiled.optimiser_dominates:
             return ""
         fit = [f"{m} ({b / GB:.1f} GB with a {core} px core)"
                for m, b, core in self.fitting_methods if core]
@@ -374,7 +378,7 @@ def estimate(cfg: config.Config, run_id: str, cal: dict, limit: float,
                       f.optimiser_bytes)
     # The other methods, tile by tile: the same peak with their vectors instead of these.
     others = []
-    if tiled is not None:
+    if tiled is not None and tiled.optimiser_dominates:
         for m in config.METHODS:
             if m == model.method:
                 continue
