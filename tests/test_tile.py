@@ -567,3 +567,20 @@ def test_a_refusal_where_no_size_fits_names_none():
     assert "no size fits whole" in one.refusal() and "size=0" not in one.refusal()
     tiled = dataclasses.replace(one, tile=32, tiles=4, largest_tiled=0)
     assert "no size fits tile by tile" in tiled.refusal() and "size=0" not in tiled.refusal()
+
+
+def test_the_largest_size_named_tile_by_tile_fits_and_16_px_more_does_not(tmp_path):
+    """The size a refusal names tile by tile counts all that a tiled run holds (the compiled
+    window functions too): at that size auto finds a core that fits; 16 px larger, none."""
+    cal = {"memory": [1e9, 20e3], "style": 0.0, "seconds": [0.01, 1e-6], "history": None,
+           "device": "cpu"}
+    path = write_config(tmp_path, name="print", size=4096)
+
+    def at(size):
+        cfg = config.load(path, [f"size={size}"])
+        return estimate.estimate(cfg, "x", cal, 12e9)
+
+    largest = at(4096).largest_tiled
+    assert not at(4096).fits and 0 < largest < 4096, largest
+    assert at(largest).fits and at(largest).tile
+    assert not at(largest + 16).fits

@@ -393,7 +393,10 @@ def estimate(cfg: config.Config, run_id: str, cal: dict, limit: float,
     largest = _largest(cfg.size, model.a, model.b_run * pixels + model.c * style_pixels, limit)
     window = min(h, geometry.window_limit(stride, model.halo)) * min(
         w, geometry.window_limit(stride, model.halo))
-    largest_tiled = _largest(cfg.size, model.a + model.b * window,
+    functions = 3 * model.frames((h, w), stride) + sum(  # about as many at any size
+        model.frames(s, stride) for s in model.stages[-1][2])
+    largest_tiled = _largest(cfg.size, model.a + model.b * window
+                             + model.function_bytes * functions,
                              model.pixel_bytes * pixels + STYLE_PIXEL_BYTES * style_pixels, limit)
     disk = (state_bytes(model.method, model.history, pixels) if cfg.checkpoint_every else 0.0)
     return Estimate(run_id, w, h, chosen.peak_bytes, chosen.seconds_per_iteration,
