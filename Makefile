@@ -18,6 +18,7 @@ endif
 CONFIG ?=
 EXP    ?=
 ARGS   ?=
+, := ,
 # `make demo WEIGHTS=random` runs offline. Random weights make no art, so that run is also
 # small and short: a check that everything works, in about a minute on a laptop CPU.
 WEIGHTS ?=
@@ -27,7 +28,7 @@ DEMO_ARGS += --set size=128 --set optimizer.iterations=60 --set checkpoint_every
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test demo run sweep overnight doctor status report estimate bench bench-eval bench-workers bench-estimate bench-methods bench-gpu bench-video lint clean
+.PHONY: help setup test demo run sweep overnight doctor status report estimate bench bench-eval bench-workers bench-estimate bench-methods bench-gpu bench-tiles bench-video lint clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -41,7 +42,7 @@ $(STAMP): pyproject.toml constraints.txt
 # README, Backends and GPUs); `make run KERAS_BACKEND=tensorflow ...` overrides. Tests keep
 # Keras's default.
 ifeq ($(GPU),1)
-demo run sweep overnight estimate doctor bench bench-eval bench-workers bench-estimate bench-video: export KERAS_BACKEND ?= jax
+demo run sweep overnight estimate doctor bench bench-eval bench-workers bench-estimate bench-tiles bench-video: export KERAS_BACKEND ?= jax
 endif
 
 setup: $(STAMP) ## create .venv and install everything; CUDA builds on NVIDIA machines (GPU=0/1)
@@ -97,8 +98,14 @@ bench-methods: $(STAMP) ## optimisers x precisions only: make bench-methods ARGS
 
 # On a GPU machine, with JAX unless KERAS_BACKEND says otherwise. TINY=1: tiny sizes and
 # counts, a check that the whole table runs (on a CPU too) in a few minutes.
-bench-gpu: $(STAMP) ## the GPU table at 512 and 1024 px: 500 iterations, memory, runs/hour by workers
+# Then the tile rows: one evaluation tiled against whole at 1024 px (core 512) and 2048 px
+# (core 1024), and a 4096 px print tiled (core 1024) in a fresh process with its peak.
+bench-gpu: $(STAMP) ## the GPU table at 512 and 1024 px: 500 iterations, memory, runs/hour by workers, tiles
 	KERAS_BACKEND=$${KERAS_BACKEND:-jax} $(PY) benchmarks/bench_methods.py --gpu $(if $(TINY),--tiny) $(ARGS)
+	KERAS_BACKEND=$${KERAS_BACKEND:-jax} $(PY) benchmarks/bench_tiles.py $(if $(TINY),--speed 256:64 --repeats 1,--speed 1024:512$(,)2048:1024 --largest 4096 --largest-core 1024)
+
+bench-tiles: $(STAMP) ## tiled vs whole: s/evaluation at 512 (core 256) and 1024 px (core 512); ARGS="--memory"
+	$(PY) benchmarks/bench_tiles.py $(ARGS)
 
 bench-eval: $(STAMP) ## seconds per evaluation only: make bench-eval ARGS="--size 256"
 	$(PY) benchmarks/bench_eval.py $(ARGS)

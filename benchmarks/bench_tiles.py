@@ -22,7 +22,7 @@ content and style images, content targets).
 
 The eager step (--eager-step SIZE): what the device optimisers' step costs per iteration on a
 cheap objective, compiled (device.py) and run eagerly one iteration per host call, as a tiled
-run takes it (pipeline/tile/loop.py).
+run takes it (device.compile_host).
 """
 
 from __future__ import annotations
@@ -118,21 +118,21 @@ class Bowl:
 def eager_step(size: int, iterations: int) -> dict:
     """Seconds per iteration of each device method's step at `size` px on a cheap objective:
     compiled, many iterations per call (device.py), against eager, one per host call (as
-    tiled runs take it, loop.py)."""
+    tiled runs take it, device.compile_host)."""
     import numpy as np
 
     from pipeline import autodiff, optimize
     from pipeline.optimize import device
-    from pipeline.tile import loop
 
     x = np.random.default_rng(0).uniform(0, 255, (size, size, 3)).astype(np.float32)
     host_vg = autodiff.value_and_grad(Bowl(), [])
+    host_vg.terms = Bowl.terms  # compile_host reads them off the value-and-gradient
     out = {"size": size}
     for name, history in (("lbfgs", 30), ("adam", 0)):
         for how in ("compiled", "eager"):
             method = optimize.device_method(name, history)
             compiled = (device.compile_method(method, Bowl(), []) if how == "compiled" else
-                        loop.compile_method(method, host_vg, Bowl.terms))
+                        device.compile_host(method, host_vg))
             device.minimize(compiled, x, 3)  # compiles, outside the clock
             start = time.perf_counter()
             device.minimize(compiled, x, iterations)
@@ -154,8 +154,21 @@ def child(mode: str, size: int, core: int) -> None:
     assert grad.shape == x.shape
     print("RESULT", json.dumps({"mode": mode, "size": size, "core": core, "setup_s": setup,
                                 "first_evaluation_s": first, "peak_before_gb": before / GB,
-                                "peak_gb": peak_rss() / GB, "total": total,
-                                "load": loadavg()}))
+                                "peak_gb": peak_rss() / GB, "device_peak_gb": device_peak(),
+                                "total": total, "load": loadavg()}))
+
+
+def device_peak() -> float | None:
+    """The GPU's peak memory in use by this process (GB; JAX only), or None on a CPU."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return None
+    import jax
+
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform == "gpu" else None
+    return stats["peak_bytes_in_use"] / GB if stats else None
 
 
 def in_child(mode: str, size: int, core: int, timeout: int) -> dict:
@@ -252,7 +265,9 @@ def main(argv=None):
         else:
             print(f"tiled {size} px core {args.largest_core}: one evaluation in "
                   f"{r['first_evaluation_s']:.0f} s (set-up {r['setup_s']:.0f} s), peak "
-                  f"{r['peak_gb']:.2f} GB  (load {r['load']})")
+                  f"{r['peak_gb']:.2f} GB" + (f" (GPU: {r['device_peak_gb']:.2f} GB)"
+                                              if r.get("device_peak_gb") else "")
+                  + f"  (load {r['load']})")
     write_json(args.json, summary)
 
 

@@ -145,8 +145,11 @@ def _estimate(cfg: config.Config, workers: int) -> int:
             print(f"{job.run_id}  no estimate: {unreadable[job.run_id]}")
             continue
         one = estimates[job.run_id]
-        fits = "fits" if one.fits else f"does NOT fit: largest size {one.largest_size}"
+        largest = one.largest_tiled if one.tile else one.largest_size
+        fits = ("fits" if one.fits else f"does NOT fit: largest size {largest}" if largest
+                else "does NOT fit at any size")
         print(f"{job.run_id}  {one.line().removeprefix('estimate: ')}  {fits}")
+        print(f"{' ' * len(job.run_id)}  {one.comparison()}")  # whole against tile by tile
     return EXIT_OK
 
 
@@ -167,6 +170,10 @@ def _estimates(planned, workers: int) -> dict:
     for job in todo:
         if job.run_id in estimates:
             job.estimate = estimates[job.run_id].line()
+            if job.cfg.tile == "auto" and estimates[job.run_id].tile:
+                # auto's choice, made here once: the run computes with it, and its config.yaml
+                # says so (`tile` is not part of the run id).
+                job.cfg.tile = estimates[job.run_id].tile
     one = estimates.get(planned[0].run_id) if len(planned) == 1 else None
     if one and not one.fits:
         raise config.ConfigError(one.refusal())

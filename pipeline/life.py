@@ -75,6 +75,10 @@ class RunLife:
             "resumed_from": done[0] if resume else None,
             "stages": [{"stage": st.index, "size": st.size, "iterations": [st.first, st.last]}
                        for st in self.stages],
+            # The tile core of the stage under way (pipeline/tile; null: whole) and its
+            # tiles, as its steps report them.
+            "tile": previous.get("tile") if resume else None,
+            "tiles": previous.get("tiles", 1) if resume else 1,
         }
         # result.png holds the lowest loss seen by any part of the run (its loss is in its
         # text); a resumed part replaces it only with something better.
@@ -89,6 +93,7 @@ class RunLife:
         checkpoint and metrics.json."""
         self.folder.append_trace(runs.trace_row(step))
         self.last_step = step
+        self.metrics.update(tile=step.tile, tiles=step.tiles)
         # The run's first loss: from its first evaluation, or kept by the checkpoint resumed.
         self.metrics["initial_loss"] = step.initial or self.metrics["initial_loss"]
         every = self.cfg.checkpoint_every

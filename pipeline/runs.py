@@ -142,6 +142,7 @@ def trace_row(step) -> dict:
         **step.terms,
         "stage": step.stage,
         "size": step.size,  # the stage's long side
+        "tile": step.tile,  # the stage's tile core in px; null: whole
     }
 
 

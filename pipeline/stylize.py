@@ -12,6 +12,8 @@ from keras import ops
 from pipeline import color, images, model, optimize, scales
 from pipeline.config import Config, style_size
 from pipeline.losses import Objective
+from pipeline.tile.geometry import stage_core
+from pipeline.tile.objective import TiledValueAndGrad
 
 # Ends of a stage after which the next stage starts (an abnormal end still has a best image).
 _STAGE_DONE = (optimize.COMPLETED, optimize.CONVERGED, optimize.ABNORMAL)
@@ -91,11 +93,26 @@ class GreyObjective:
         return self.objective(ops.repeat(y, 3, axis=-1))
 
 
+class GreyValueAndGrad:
+    """GreyObjective for an objective computed tile by tile on the host (a
+    TiledValueAndGrad): pixels and gradient are numpy arrays there."""
+
+    on_host = True
+
+    def __init__(self, vg: TiledValueAndGrad):
+        self.vg, self.terms, self.core, self.tiles = vg, vg.terms, vg.core, vg.tiles
+
+    def __call__(self, y):
+        total, terms, grad = self.vg(np.repeat(np.asarray(y, np.float32), 3, axis=-1))
+        return total, terms, grad.sum(axis=-1, keepdims=True)
+
+
 def stage_objective(cfg: Config, network, content, styles, size: int, style_masks=None,
                     content_mask=None):
     """The objective at one stage's size: content and styles scaled to it (each style to
     style_scale times it), checked against the deepest layer, coloured as `preserve_colors`
-    asks, masks resized to the content's shape; its targets computed once, here. Returns it,
+    asks, masks resized to the content's shape; its targets computed once, here, tile by tile
+    where geometry.stage_core says (a TiledValueAndGrad, computed on the host). Returns it,
     the content and styles as its targets saw them, and the content at that size in its own
     colours (luminance mode restores them into the result). `network` is
     model.feature_extractor's (extractor, layer names, weights)."""
@@ -108,11 +125,24 @@ def stage_objective(cfg: Config, network, content, styles, size: int, style_mask
         content_mask = images.resize_mask(content_mask, shape)
     check_fits(cfg, original, styles)
     content, styles = color_inputs(cfg, original, styles)
-    objective = Objective(extractor, layer_names, cfg, content, styles, style_masks=style_masks,
-                          content_mask=content_mask)
+    core = stage_core(cfg, shape)  # a size from `tile` that cuts this stage: tile by tile
+    if core is not None:
+        objective = TiledValueAndGrad(extractor, layer_names, cfg, content, styles, core,
+                                      style_masks=style_masks, content_mask=content_mask)
+        grey = GreyValueAndGrad
+    else:
+        objective = Objective(extractor, layer_names, cfg, content, styles,
+                              style_masks=style_masks, content_mask=content_mask)
+        grey = GreyObjective
     if cfg.preserve_colors == "luminance":
-        objective = GreyObjective(objective)
+        objective = grey(objective)
     return objective, content, styles, original
+
+
+def tiling_of(objective) -> dict:
+    """A stage objective's tile core (None: whole) and tile count, as Step records carry."""
+    core = getattr(objective, "core", None)
+    return {"tile": core, "tiles": len(objective.tiles) if core else 1}
 
 
 def start_image(cfg: Config, start: scales.Start, stage: scales.Stage, content, styles,
@@ -164,14 +194,14 @@ def stylize(
         resumed_here = start.inside and stage.index == start.stage
         first = start.image is None and stage is plan[0]  # its first loss is the run's
 
-        def stage_step(step, index=stage.index, first=first):
+        def stage_step(step, index=stage.index, first=first, tiling=tiling_of(objective)):
             nonlocal initial
             if first and initial is None:
                 initial = step.initial
             if on_step is not None:
                 on_step(dataclasses.replace(
                     step, stage=index, initial=initial,
-                    image=None if step.image is None else rgb(step.image)))
+                    image=None if step.image is None else rgb(step.image), **tiling))
 
         result = optimize.solve(cfg.optimizer, objective, network[0].variables, x0,
                                 stage.last, stage_step, should_stop, done,

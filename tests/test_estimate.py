@@ -106,8 +106,9 @@ def test_estimate_against_a_measured_peak(calibrated, tmp_path):
     with the estimate line, and in a sweep the run that cannot fit is marked failed while the
     other runs."""
     cache, cal = calibrated
+    # tile: off, as the whole runs this measures (the 4096 px run would fit tile by tile).
     path = write_config(tmp_path, name="big", size=320, style_scale=2, checkpoint_every=0,
-                        optimizer={"iterations": 2}, sweep={"size": [320, 4096]})
+                        optimizer={"iterations": 2}, sweep={"size": [320, 4096]}, tile="off")
     jobs = batch.plan(config.load(path))
     ok, huge = (estimate.estimate(j.cfg, j.run_id, cal, 20e9) for j in jobs)
     # By hand: the 32 x 32 style at 640 px counts its own pixels, not the content's.
@@ -196,7 +197,8 @@ def test_a_single_run_that_cannot_fit_is_refused_before_it_starts(calibrated, tm
 
 def test_largest_size_that_fits_by_hand(tmp_path):
     cal = made_up()
-    cfg = config.load(write_config(tmp_path, size=4096))  # content 40x48: 4096x3413
+    # content 40x48: 4096x3413; whole (tile: auto would take the smallest core here: Big prints)
+    cfg = config.load(write_config(tmp_path, size=4096, tile="off"))
     pixels, style_pixels = 4096 * 3413, 4096 * 4096  # the 32 x 32 style at style_scale 1
     a, b, c = 1e9, 4000.0, 1500.0
     limit = a + b * 1000 * 833 + c * 1000 * 1000 + 1  # room for a 1000x833 run, and a little

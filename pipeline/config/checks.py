@@ -22,6 +22,7 @@ from pipeline.config.schema import (
     NETWORKS,
     POOLINGS,
     PRECISIONS,
+    TILE_MODES,
     WEIGHT_KINDS,
     Config,
     ConfigError,
@@ -29,8 +30,10 @@ from pipeline.config.schema import (
     deepest_block,
     dotted_keys,
     long_side_shape,
+    nearest_multiple,
     style_list,
     style_size,
+    tile_stride,
     unknown_key,
 )
 
@@ -110,9 +113,34 @@ def _build(cls, raw: dict, prefix: str):
 
 def from_dict(raw: dict) -> Config:
     """A validated Config from a merged mapping; raises ConfigError on the first mistake."""
+    raw = dict(raw)
+    tile = raw.pop("tile", Config.tile)  # its valid sizes depend on the model's layers
     cfg = _build(Config, raw, "")
     _check(cfg)
+    cfg.tile = _tile(tile, cfg)
     return cfg
+
+
+def _tile(value, cfg: Config) -> str | int:
+    """`tile` as `off`, `auto` or a core size: a positive multiple of the stride of the
+    deepest layer used (16 px for block5). YAML 1.1 reads a bare `off` as false."""
+    stride, block = tile_stride(cfg.model), deepest_block(cfg.model)
+    if value is False:
+        return "off"
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, str) and value in TILE_MODES:
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        if value > 0 and value == int(value) and int(value) % stride == 0:
+            return int(value)
+        raise ConfigError(f"tile: {value:g} px is not a positive multiple of {stride} px (the "
+                          f"stride of block{block}, the deepest layer used); the nearest valid "
+                          f"value is {nearest_multiple(value, stride)}")
+    close = difflib.get_close_matches(str(value).lower(), TILE_MODES, n=1)
+    raise ConfigError(f"tile: must be off, auto or a tile size in px (a multiple of {stride}), "
+                      f"got {_describe(value)}; the nearest valid value is "
+                      f"{close[0] if close else 'auto'}")
 
 
 def _check(cfg: Config) -> None:

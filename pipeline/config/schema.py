@@ -129,6 +129,10 @@ class Config:
     content_mask: str | None = None  # where the content term counts; None: everywhere
     checkpoint_every: int = 50  # iterations between checkpoints; 0 turns them off
     log_every: int = 25  # iterations between log lines when the output is not a terminal
+    # Prints larger than memory (pipeline/tile): the same objective, computed tile by tile.
+    # auto: whole when the estimate says the run fits, else the largest tile core that fits;
+    # off: always whole; N: cores of N px a side, a multiple of tile_stride(model).
+    tile: str | int = "auto"
     sweep: dict[str, list] = field(default_factory=dict)
 
 
@@ -136,7 +140,10 @@ class Config:
 PATH_KEYS = ("content", "style", "init", "model.weights", "output_dir", "style_masks",
              "content_mask")
 # Keys that change how a run is watched or stored, not the pixels it makes: left out of the hash.
-UNHASHED_KEYS = ("name", "output_dir", "checkpoint_every", "log_every", "sweep")
+# `tile` computes the same objective in other pieces (tests/test_tile.py: to 1e-4), so a run
+# keeps its id however it is tiled, and `auto` may choose a core from the machine's memory.
+UNHASHED_KEYS = ("name", "output_dir", "checkpoint_every", "log_every", "sweep", "tile")
+TILE_MODES = ("off", "auto")  # and a core size in pixels
 
 
 # optimizer.history when not set. scipy's L-BFGS-B pays for each correction on the host (at
@@ -175,6 +182,17 @@ def deepest_block(model: ModelConfig) -> int:
     """The deepest block of the layers asked for: it sees an image halved b - 1 times, so the
     image's short side must be at least 2 ** (b - 1) pixels."""
     return max(int(name[len("block")]) for name in (*model.content_layers, *model.style_layers))
+
+
+def tile_stride(model: ModelConfig) -> int:
+    """The stride of the deepest layer used, in pixels: a tile core is a multiple of it, so
+    that cores start on whole pooling windows at every layer (pipeline/tile/geometry.py)."""
+    return 2 ** (deepest_block(model) - 1)
+
+
+def nearest_multiple(value: float, step: int) -> int:
+    """The positive multiple of `step` nearest `value` (halves round up)."""
+    return max(step, int((value + step / 2) // step) * step)
 
 
 def normalised(weights: list[float] | None, count: int) -> list[float]:

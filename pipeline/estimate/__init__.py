@@ -48,4 +48,13 @@ from pipeline.estimate.calibration import (
     setup_of,
     skipped,
 )
-from pipeline.estimate.predict import Estimate, estimate, for_jobs, generated_shape, state_bytes
+from pipeline.estimate.predict import (
+    ENV_LIMIT,
+    Estimate,
+    Tiled,
+    estimate,
+    for_jobs,
+    generated_shape,
+    memory_limit,
+    state_bytes,
+)

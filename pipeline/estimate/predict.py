@@ -1,10 +1,19 @@
 """Each run's estimate from its setup's calibration: peak memory at its largest stage, seconds
-per iteration and in all, the largest size that fits, and what its checkpoints take on disk."""
+per iteration and in all, the largest size that fits, what its checkpoints take on disk, and
+whether it runs whole or tile by tile (`tile`, pipeline/tile).
+
+A tiled run holds the network of one window at a time, so its peak is the whole model's at the
+largest window's size, plus what grows with the image however it is tiled: the pixel arrays
+(the iterate, its gradient, the content image, the TV term's arrays, the content targets),
+the style images' pixels and the optimiser's vectors. Those last are measured constants per
+pixel (below), not a calibration: they are arrays of known shapes."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +25,74 @@ from pipeline.estimate.calibration import (
     gpu_list,
     setup_of,
 )
+from pipeline.tile import geometry
 
 STATE_SHOWN = 100e6  # a checkpoint's state.npz at least this large is named in the line
+ENV_LIMIT = "PIPELINE_MEMORY_LIMIT"  # e.g. 8G: the most memory one run may use (a cap)
+SCIPY_BYTES = 2 * 3 * 8  # per pixel and correction: s and y, float64, three channels
+
+# What a tiled run holds for the whole image, per pixel of the generated image (bytes), beside
+# the content targets (target_bytes) and the style images (STYLE_PIXEL_BYTES per style pixel).
+# Measured on the CPU (TensorFlow 2.21): the growth of VmHWM between 512 and 1024 px with one
+# core size, over the pixels added, in fresh processes; each method's total, at two histories
+# for scipy and lbfgs, was split as below (tests/test_tile.py and tests/test_estimate.py check
+# the totals at other sizes):
+# - every method: the content image, the start image, the iterate and its gradient as the tiled
+#   objective takes and gives them, TV's arrays on the whole image (12 bytes a float32 copy);
+TILED_PIXEL_BYTES = 150.0
+# - the optimiser, (bytes, bytes per correction): scipy's L-BFGS-B its bounds, work arrays and
+#   the copies at its float64 boundary, and per correction s and y in float64 (exact: 48);
+#   lbfgs (eager, one step per call) its iterate, gradient and best image, and per correction
+#   s and y, their replacements and a product's temporary of the same shape; Adam its moments,
+#   their replacements and the step's temporaries. Measured totals: scipy 716 + 48 history,
+#   lbfgs 214 + 80 history, Adam 416.
+OPTIMISER_BYTES = {"scipy": (566.0, SCIPY_BYTES), "lbfgs": (64.0, 80.0), "adam": (266.0, 0.0)}
+STYLE_PIXEL_BYTES = 24  # each style image, float32, at its size and as read
+# Each window frame (a window's length and its core's place in it, per side) is a compiled
+# function of its own: two for the objective's passes and one for the content targets per
+# frame of the content's tiling, one per frame of each style image's. Measured on the CPU
+# (TensorFlow): 6-8 MB each for VGG19 to block5_conv1 (13 convolutions), less for fewer.
+FUNCTION_BYTES_PER_CONV = 0.6e6
+# Seconds: each window runs forward twice and backward once (a backward costs about two
+# forwards), where the whole image runs forward and backward once: 4/3 of the whole model's
+# time per window pixel. benchmarks/bench_tiles.py measures it.
+TILED_WORK = 4 / 3
+# auto chooses the largest core whose estimate leaves this share of the memory unused if one
+# does (the estimate is within ~15% of measured peaks: a smaller core costs a little time, a
+# run killed for memory in the night its whole budget), else the largest that fits at all.
+AUTO_HEADROOM = 0.1
+
+
+def optimiser_bytes(method: str, history: int) -> float:
+    """Bytes per pixel of the generated image that `method` keeps with `history` corrections
+    (None of them grows with tiling's windows)."""
+    base, per_correction = OPTIMISER_BYTES[method]
+    return base + (per_correction * history if method != "adam" else 0.0)
+
+
+def target_bytes(model: config.ModelConfig) -> float:
+    """Bytes per pixel of the content targets, float32 at each content layer's resolution: C_l
+    channels per stride^2 pixels (block4_conv2: 512 / 64, 32 bytes)."""
+    fields = geometry.receptive_fields(model.network)
+    return sum(4.0 * config.layer_channels(n) / fields[n].stride ** 2
+               for n in model.content_layers)
+
+
+@dataclass(frozen=True)
+class Tiled:
+    """A run computed tile by tile at one core size: its figures at the largest stage."""
+
+    core: int
+    tiles: int
+    peak_bytes: float
+    seconds_per_iteration: float
+    seconds: float
+    optimiser_bytes: float  # of peak_bytes: the optimiser's vectors
+
+    @property
+    def optimiser_dominates(self) -> bool:
+        """The optimiser's vectors are most of the peak: a smaller core hardly helps."""
+        return self.optimiser_bytes >= 0.5 * self.peak_bytes
 
 
 @dataclass
@@ -25,13 +100,24 @@ class Estimate:
     run_id: str
     width: int
     height: int
-    peak_bytes: float  # at the largest stage
+    peak_bytes: float  # at the largest stage, as the run will run (whole or tiled)
     seconds_per_iteration: float  # at the largest stage
     seconds: float  # every stage's iterations
     limit_bytes: float  # what one run may use here
     device: str
-    largest_size: int  # the largest `size` that fits (same aspect, multiple of 16)
+    largest_size: int  # the largest `size` that fits whole (same aspect, multiple of 16)
     state_bytes: float = 0.0  # the checkpoint's state.npz on disk, while the run is under way
+    tile: int | None = None  # the tile core the run uses (config.tile, or auto's choice)
+    tiles: int = 1  # at its largest stage
+    asked: str | int = "auto"  # config.tile as set
+    whole_bytes: float = 0.0  # the peak run whole
+    whole_seconds_per_iteration: float = 0.0
+    tiled: Tiled | None = None  # tile by tile: at `tile`, or at the core auto would choose
+    largest_tiled: int = 0  # the largest size that fits tile by tile (at the smallest core)
+    method: str = "scipy"
+    # (method, peak bytes, core) of the other methods tile by tile, each at the largest core
+    # that fits it (None: none does; the bytes are then at the smallest core)
+    fitting_methods: tuple = ()
 
     @property
     def fits(self) -> bool:
@@ -40,15 +126,61 @@ class Estimate:
     def line(self) -> str:
         disk = (f", checkpoints {self.state_bytes / GB:.2f} GB on disk (state.npz)"
                 if self.state_bytes >= STATE_SHOWN else "")
-        return (f"estimate: {self.width}x{self.height}: peak memory {self.peak_bytes / GB:.2f} GB "
-                f"of {self.limit_bytes / GB:.1f} GB, {self.seconds_per_iteration:.3g} s/iteration, "
-                f"about {_duration(self.seconds)} in all ({self.device}){disk}")
+        how = ""
+        if self.tile:
+            chose = "tile: auto chose" if self.asked == "auto" else "tile:"
+            if self.asked == "auto" and not self.fits:
+                chose = "tile: auto finds no core that fits; the smallest,"
+            how = (f"{chose} a {self.tile} px core, {self.tiles} tiles (whole, the run would "
+                   f"need {self.whole_bytes / GB:.2f} GB): ")
+        return (f"estimate: {self.width}x{self.height}: {how}peak memory "
+                f"{self.peak_bytes / GB:.2f} GB of {self.limit_bytes / GB:.1f} GB, "
+                f"{self.seconds_per_iteration:.3g} s/iteration, about {_duration(self.seconds)} "
+                f"in all ({self.device}){disk}{self.optimiser_note()}")
+
+    def comparison(self) -> str:
+        """Whole against tile by tile, memory and time: what `estimate` prints beside the line."""
+        whole = (f"whole {self.whole_bytes / GB:.2f} GB, "
+                 f"{self.whole_seconds_per_iteration:.3g} s/iteration")
+        if self.tiled is None:
+            return f"{whole}; tile by tile: one window holds the whole image"
+        t = self.tiled
+        return (f"{whole}; tile by tile (core {t.core} px, {t.tiles} tiles) "
+                f"{t.peak_bytes / GB:.2f} GB, {t.seconds_per_iteration:.3g} s/iteration")
+
+    def optimiser_note(self) -> str:
+        """Where the optimiser's vectors are most of a tiled peak: so, and the methods that fit."""
+        if not self.tile or self.tiled is None or not self.tiled.optimiser_dominates:
+            return ""
+        fit = [f"{m} ({b / GB:.1f} GB with a {core} px core)"
+               for m, b, core in self.fitting_methods if core]
+        names = {"scipy": "scipy's L-BFGS-B", "lbfgs": "lbfgs's history", "adam": "Adam"}
+        return (f"; {names[self.method]} keeps {self.tiled.optimiser_bytes / GB:.1f} GB of it, "
+                "which tiling cannot shrink: " + (
+                    f"optimizer.method {' or '.join(fit)} would fit" if fit else
+                    "no other optimizer.method fits either"))
 
     def refusal(self) -> str:
-        return (f"run {self.run_id}: estimated peak memory {self.peak_bytes / GB:.1f} GB at "
-                f"{self.width}x{self.height} exceeds the {self.limit_bytes / GB:.1f} GB this "
-                f"machine has for it ({self.device}); the largest size that fits is "
-                f"{self.largest_size} (--set size={self.largest_size}, and scales to match)")
+        where = (f"at {self.width}x{self.height}" + (f" tile by tile (a {self.tile} px core)"
+                                                    if self.tile else ""))
+        said = (f"run {self.run_id}: estimated peak memory {self.peak_bytes / GB:.1f} GB {where} "
+                f"exceeds the {self.limit_bytes / GB:.1f} GB this machine has for it "
+                f"({self.device})")
+        if self.tile:
+            return (f"{said}; " + (f"the largest size that fits tile by tile is "
+                                   f"{self.largest_tiled} (--set size={self.largest_tiled})"
+                                   if self.largest_tiled else "no size fits tile by tile")
+                    + self.optimiser_note())
+        said += (f"; the largest size that fits is {self.largest_size} (--set "
+                 f"size={self.largest_size}, and scales to match)" if self.largest_size else
+                 "; no size fits whole (what does not grow with the image is too much)")
+        if self.tiled is not None and self.tiled.peak_bytes <= self.limit_bytes:
+            said += (f", or tile: auto (--set tile=auto), which computes the same objective "
+                     f"tile by tile in {self.tiled.peak_bytes / GB:.1f} GB")
+        elif self.tiled is not None:
+            said += (f"; tile: auto would need {self.tiled.peak_bytes / GB:.1f} GB even tile by "
+                     "tile")
+        return said
 
 
 def _duration(seconds: float) -> str:
@@ -77,6 +209,20 @@ def state_bytes(method: str, history: int, pixels: int) -> float:
     return 4.0 * (vectors * 3 * pixels + square)
 
 
+def memory_limit() -> float:
+    """PIPELINE_MEMORY_LIMIT in bytes (8G, 500M, 1.5e9; decimal units, as the estimate prints),
+    or infinity when it is not set. A machine shared with others, or with other work, is
+    kept to it: each run must fit under it, whatever the machine has free."""
+    text = os.environ.get(ENV_LIMIT, "").strip()
+    if not text:
+        return math.inf
+    match = re.fullmatch(r"(\d+(?:\.\d*)?(?:[eE]\d+)?)\s*([kKmMgGtT]?)[bB]?", text)
+    if not match or float(match[1]) <= 0:
+        raise config.ConfigError(f"{ENV_LIMIT}={text}: expected an amount of memory, e.g. 8G "
+                                 "or 500M")
+    return float(match[1]) * 1000 ** " kmgt".index(match[2].lower() or " ")
+
+
 def available_memory(cal: dict) -> float:
     """Bytes a run may use: the GPU's memory (as the backend reported its limit, else as
     nvidia-smi does), or the RAM available now (MemAvailable) on the CPU."""
@@ -95,52 +241,178 @@ def available_memory(cal: dict) -> float:
     return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-SCIPY_BYTES = 2 * 3 * 8  # per pixel and correction: s and y, float64, three channels
+@dataclass(frozen=True)
+class _Figures:
+    peak_bytes: float  # the largest stage's (or an earlier, larger one's)
+    seconds_per_iteration: float  # at the last stage
+    seconds: float  # every stage's iterations
+    tiles: int  # at the last stage; 1: whole
+    optimiser_bytes: float  # at the last stage, tiled
+
+
+class _Model:
+    """A calibration applied to one run: its stages, each whole or tile by tile at a core."""
+
+    def __init__(self, cfg: config.Config, cal: dict, content, styles):
+        self.cfg = cfg
+        (self.a, self.b), self.c, (self.t, self.u) = cal["memory"], cal["style"], cal["seconds"]
+        method, m = cfg.optimizer.method, config.history(cfg.optimizer)
+        b, u = self.b, self.u
+        if method == "lbfgs" and cal["history"]:
+            # Measured: the calibration's own history is in b and u already; never less than it.
+            longer = max(0, m - cal["history"]["at"][0])
+            b, u = b + cal["history"]["memory"] * longer, u + cal["history"]["seconds"] * longer
+        elif method == "scipy" and cal["device"].startswith("cpu"):
+            # Exact: scipy's history is host memory (on a GPU, not the device's that is checked).
+            b += SCIPY_BYTES * (m - CALIBRATION_HISTORY)
+        self.b_run, self.u_run = b, u  # whole runs: per pixel, with the run's own history
+        self.method, self.history = method, m
+        # Tile by tile, per pixel of the whole image: what no window holds. On a GPU scipy's
+        # vectors are the host's, not the device's that is checked.
+        on_device = not cal["device"].startswith("cpu")
+        self.optimiser = 0.0 if on_device and method == "scipy" else optimiser_bytes(method, m)
+        self.pixel_bytes = TILED_PIXEL_BYTES + target_bytes(cfg.model) + self.optimiser
+        self.halo = geometry.objective_halo(cfg)
+        fields = geometry.receptive_fields(cfg.model.network)
+        deepest = max((*cfg.model.content_layers, *cfg.model.style_layers),
+                      key=list(fields).index)
+        self.function_bytes = FUNCTION_BYTES_PER_CONV * (list(fields).index(deepest) + 1)
+        self.stages = []
+        for stage in scales.stages(cfg):
+            shape = scaled_shape(*content, stage.size)
+            style_shapes = [scaled_shape(*s, config.style_size(cfg, stage.size)) for s in styles]
+            self.stages.append((stage, shape, style_shapes))
+
+    def run(self, core: int | None) -> _Figures:
+        """The run's figures with `tile: core` (None: whole): each stage tiled where
+        geometry.stage_core says, as stylize will run it."""
+        cfg = dataclasses.replace(self.cfg, tile="off" if core is None else core)
+        peak, seconds = 0.0, 0.0
+        for stage, (h, w), style_shapes in self.stages:
+            pixels, style_pixels = h * w, sum(math.prod(s) for s in style_shapes)
+            tiled = geometry.stage_core(cfg, (h, w))
+            if tiled is None:
+                stage_peak = self.a + self.b_run * pixels + self.c * style_pixels
+                per_iteration, tiles, optimiser = self.t + self.u_run * pixels, 1, 0.0
+            else:
+                rows, cols = (geometry.spans(n, tiled, self.halo) for n in (h, w))
+                window = max(s.stop - s.start for s in rows) * max(s.stop - s.start for s in cols)
+                area = sum(s.stop - s.start for s in rows) * sum(s.stop - s.start for s in cols)
+                # The whole model at the largest window's size (its own arrays included: a
+                # small overcount), and what grows with the image whatever its tiles.
+                stage_peak = (self.a + self.b * window + self.pixel_bytes * pixels
+                              + STYLE_PIXEL_BYTES * style_pixels)
+                per_iteration = (self.t + self.u * TILED_WORK * area
+                                 + (self.u_run - self.u) * pixels)  # lbfgs's longer history
+                tiles, optimiser = len(rows) * len(cols), self.optimiser * pixels
+                functions = 3 * self.frames((h, w), tiled) + sum(
+                    self.frames(s, tiled) for s in style_shapes)
+                stage_peak += self.function_bytes * functions
+            peak = max(peak, stage_peak)
+            seconds += (stage.last - stage.first + 1) * per_iteration
+        return _Figures(peak, per_iteration, seconds, tiles, optimiser)
+
+    def frames(self, shape: tuple[int, int], core: int) -> int:
+        """How many distinct window frames cut an image of `shape`: one compiled function each."""
+        rows, cols = ({geometry.Frame.of(s, n) for s in geometry.spans(n, core, self.halo)}
+                      for n in shape)
+        return len(rows) * len(cols)
+
+    def shape(self) -> tuple[int, int]:
+        return self.stages[-1][1]
+
+    def largest_core(self, limit: float) -> int | None:
+        """The largest core that cuts the last stage into tiles and fits `limit`."""
+        shape, stride = self.shape(), self.halo.stride
+        cfg = dataclasses.replace(self.cfg)
+        for core in range(geometry.round_up(max(shape), stride), 0, -stride):
+            cfg.tile = core
+            if geometry.stage_core(cfg, shape) and self.run(core).peak_bytes <= limit:
+                return core
+        return None
+
+    def splits(self, core: int) -> bool:
+        return geometry.stage_core(dataclasses.replace(self.cfg, tile=core), self.shape()) \
+            is not None
+
+
+def _largest(size: int, fixed: float, growing: float, limit: float) -> int:
+    """The largest size (a multiple of 16, at most MAX_SIZE) at which fixed + growing, which
+    grows as the size squared from `size`, stays within `limit`."""
+    if limit <= fixed:
+        return 0
+    if growing <= 0 or math.isinf(limit):
+        return config.MAX_SIZE
+    return min(config.MAX_SIZE, int(size * math.sqrt((limit - fixed) / growing))) // 16 * 16
 
 
 def estimate(cfg: config.Config, run_id: str, cal: dict, limit: float,
              read_size=images.read_size) -> Estimate:
-    """The run's estimate from a calibration and `limit`, the bytes it may use. The content's
-    and style images' sizes come from their headers (`read_size(path) -> (width, height)`);
-    images.ImageError when one cannot be read."""
+    """The run's estimate from a calibration and `limit`, the bytes it may use: whole, or tile
+    by tile as `tile` says (auto: whole if that fits, else the largest core that fits). The
+    content's and style images' sizes come from their headers (`read_size(path) -> (width,
+    height)`); images.ImageError when one cannot be read."""
     content = read_size(cfg.content)
     styles = [read_size(path) for path in config.style_list(cfg.style)]
-    (a, b), c, (t, u) = cal["memory"], cal["style"], cal["seconds"]
-    method, m = cfg.optimizer.method, config.history(cfg.optimizer)
-    if method == "lbfgs" and cal["history"]:
-        # Measured: the calibration's own history is in b and u already; never less than it.
-        longer = max(0, m - cal["history"]["at"][0])
-        b, u = b + cal["history"]["memory"] * longer, u + cal["history"]["seconds"] * longer
-    elif method == "scipy" and cal["device"].startswith("cpu"):
-        # Exact: scipy's history is host memory (on a GPU, not the device's that is checked).
-        b += SCIPY_BYTES * (m - CALIBRATION_HISTORY)
-    seconds = 0.0
-    for stage in scales.stages(cfg):
-        h, w = scaled_shape(*content, stage.size)
-        seconds += (stage.last - stage.first + 1) * (t + u * h * w)
-    h, w = scaled_shape(*content, cfg.size)  # the last stage: the largest images
-    pixels = h * w
-    style_pixels = sum(math.prod(scaled_shape(*s, config.style_size(cfg))) for s in styles)
-    growing = b * pixels + c * style_pixels  # grows as size squared, style_scale held
-    if limit <= a:
-        largest = 0
-    elif growing <= 0 or math.isinf(limit):
-        largest = config.MAX_SIZE
+    model = _Model(cfg, cal, content, styles)
+    h, w = model.shape()
+    pixels, style_pixels = h * w, sum(math.prod(s) for s in model.stages[-1][2])
+    whole = model.run(None)
+    stride = model.halo.stride
+    best = model.largest_core(limit * (1 - AUTO_HEADROOM)) or model.largest_core(limit)
+    shown = best or (stride if model.splits(stride) else None)  # tile by tile, for comparison
+    asked = cfg.tile
+    if isinstance(asked, int) and model.run(asked).tiles > 1:
+        core = asked
+    elif asked == "auto" and whole.peak_bytes > limit and shown:
+        core = shown  # the largest core that fits; or the smallest, which is refused
     else:
-        largest = min(config.MAX_SIZE, int(cfg.size * math.sqrt((limit - a) / growing)))
-        largest = largest // 16 * 16
-    disk = state_bytes(method, m, pixels) if cfg.checkpoint_every else 0.0
-    return Estimate(run_id, w, h, a + growing, t + u * pixels, seconds, limit, cal["device"],
-                    largest, disk)
+        core = None  # off, auto where the whole fits, or a size that leaves one window
+    chosen = whole if core is None else model.run(core)
+    if core is not None:
+        shown = core
+    tiled = None
+    if shown:
+        f = model.run(shown)
+        tiled = Tiled(shown, f.tiles, f.peak_bytes, f.seconds_per_iteration, f.seconds,
+                      f.optimiser_bytes)
+    # The other methods, tile by tile: the same peak with their vectors instead of these.
+    others = []
+    if tiled is not None and tiled.optimiser_dominates:
+        for m in config.METHODS:
+            if m == model.method:
+                continue
+            # This setup's figures with m's vectors instead of this method's, at the largest
+            # core that fits them, as auto would choose it (a tenth spare where one does).
+            more = (optimiser_bytes(m, config.history(config.OptimizerConfig(method=m)))
+                    - model.optimiser) * pixels
+            fits = (model.largest_core(limit * (1 - AUTO_HEADROOM) - more)
+                    or model.largest_core(limit - more))
+            others.append((m, model.run(fits or stride).peak_bytes + more, fits))
+    # The largest sizes that fit: whole, and tile by tile at the smallest core.
+    largest = _largest(cfg.size, model.a, model.b_run * pixels + model.c * style_pixels, limit)
+    window = min(h, geometry.window_limit(stride, model.halo)) * min(
+        w, geometry.window_limit(stride, model.halo))
+    functions = 3 * model.frames((h, w), stride) + sum(  # about as many at any size
+        model.frames(s, stride) for s in model.stages[-1][2])
+    largest_tiled = _largest(cfg.size, model.a + model.b * window
+                             + model.function_bytes * functions,
+                             model.pixel_bytes * pixels + STYLE_PIXEL_BYTES * style_pixels, limit)
+    disk = (state_bytes(model.method, model.history, pixels) if cfg.checkpoint_every else 0.0)
+    return Estimate(run_id, w, h, chosen.peak_bytes, chosen.seconds_per_iteration,
+                    chosen.seconds, limit, cal["device"], largest, disk, core, chosen.tiles,
+                    asked, whole.peak_bytes, whole.seconds_per_iteration, tiled, largest_tiled,
+                    model.method, tuple(others))
 
 
 def for_jobs(jobs, workers: int = 1, log=None, on_skip=None) -> dict[str, Estimate]:
-    """Each planned run's estimate, with `workers` runs sharing the device at once. A run
-    whose content or style image cannot be read gets none (it fails by itself, naming the
-    file, when it runs): `on_skip(job, message)` hears of it. Calibrates only the setups of
-    runs it estimates."""
+    """Each planned run's estimate, with `workers` runs sharing the device at once, each
+    within PIPELINE_MEMORY_LIMIT if set. A run whose content or style image cannot be read
+    gets none (it fails by itself, naming the file, when it runs): `on_skip(job, message)`
+    hears of it. Calibrates only the setups of runs it estimates."""
     out = {}
     sizes: dict[str, tuple[int, int] | images.ImageError] = {}
+    cap = memory_limit()
 
     def read_size(path):  # the runs of a sweep share their images: each header read once
         if path not in sizes:
@@ -166,7 +438,8 @@ def for_jobs(jobs, workers: int = 1, log=None, on_skip=None) -> dict[str, Estima
         if name not in calibrations:
             cal = calibration(log, setup)
             devices = max(1, len(gpu_list())) if not cal["device"].startswith("cpu") else 1
-            calibrations[name] = cal, available_memory(cal) / max(1, math.ceil(workers / devices))
+            share = available_memory(cal) / max(1, math.ceil(workers / devices))
+            calibrations[name] = cal, min(share, cap)
         cal, limit = calibrations[name]
         out[job.run_id] = estimate(job.cfg, job.run_id, cal, limit, read_size)
     return out

@@ -43,6 +43,10 @@ class Step:
     size: int = 0  # the long side of the image being optimised, in pixels
     state: Callable[[], dict] | None = field(default=None, repr=False, compare=False)
     initial: dict | None = None
+    # The stage's tile core in pixels (pipeline/tile), None where it runs whole, and how many
+    # tiles cut it; set by the caller, as `stage` is.
+    tile: int | None = None
+    tiles: int = 1
 
 
 @dataclass

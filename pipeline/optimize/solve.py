@@ -40,22 +40,27 @@ def solve(
     checkpoint_every: int = 0,
 ) -> Result:
     """Minimise `objective(x) -> (total, terms)` (losses.Objective, keras.ops) from x0 until
-    `iterations` in all. `done` and `state` continue an earlier part of the run: its counts,
-    and the optimiser's state that its checkpoint kept (Step.state), or None."""
+    `iterations` in all. An objective marked `on_host` is a value-and-gradient already, computed
+    on the host (tile.TiledValueAndGrad): scipy calls it as it is, and a device method takes
+    one step per call around it (device.compile_host). `done` and `state` continue an earlier
+    part of the run: its counts, and the optimiser's state that its checkpoint kept
+    (Step.state), or None."""
     from pipeline import autodiff
 
     state = state or {}
+    on_host = getattr(objective, "on_host", False)
     if opt.method == "scipy":
         best = None
         if {"best_x", "best"} <= state.keys():  # the stage's best so far, kept by a checkpoint
             names = ("total", *objective.terms)
             best = state["best_x"], {k: float(v) for k, v in zip(names, state["best"])}
-        vg = autodiff.value_and_grad(objective, variables)
+        vg = objective if on_host else autodiff.value_and_grad(objective, variables)
         return minimize(vg, x0, iterations, history(opt), on_step, should_stop, done,
                         ftol=opt.ftol, gtol=opt.gtol, best=best)
     from pipeline.optimize import device  # compiled on the device, many iterations a call
 
-    compiled = device.compile_method(device_method(opt.method, history(opt)), objective,
-                                     variables)
+    method = device_method(opt.method, history(opt))
+    compiled = (device.compile_host(method, objective) if on_host else
+                device.compile_method(method, objective, variables))
     return device.minimize(compiled, x0, iterations, on_step, should_stop, done, state or None,
                            checkpoint_every)

@@ -43,5 +43,6 @@ gradient, the content and style images, the content targets and the optimiser's 
 
 geometry.py: receptive fields, windows and cores (no framework: the estimate can use it).
 objective.py: the network on one window, the targets, and TiledValueAndGrad, an
-autodiff.ValueAndGrad. loop.py: the device optimisers driven by it, one iteration per call.
+autodiff.ValueAndGrad. optimize.device.compile_host drives the device optimisers with it, one
+iteration per call.
 """

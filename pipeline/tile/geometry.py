@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.config import BLOCK_CONVS
+from pipeline.config import BLOCK_CONVS, nearest_multiple
 
 KERNEL = 3  # model.vgg's convolutions ('same' padding: (KERNEL - 1) / 2 positions each side)
 POOL = 2  # model.vgg's pooling: windows of POOL x POOL, stride POOL
@@ -61,7 +61,7 @@ def check_core(core: int, stride: int) -> None:
     """A core side must be a positive multiple of the stride, so that cores start on whole
     pooling windows at every layer."""
     if core <= 0 or core % stride:
-        nearest = max(stride, (core + stride // 2) // stride * stride)
+        nearest = nearest_multiple(core, stride)
         raise ValueError(f"a tile core of {core!r} px is not a positive multiple of {stride} px "
                          f"(the stride of the deepest layer used); the nearest valid value is "
                          f"{nearest}")
@@ -134,6 +134,23 @@ def tiling(shape: tuple[int, int], core: int, halo: Halo) -> list[Tile]:
 def window_limit(core: int, halo: Halo) -> int:
     """The longest side of any window: what a tile's memory grows with."""
     return core + halo.before + halo.after
+
+
+def objective_halo(cfg) -> Halo:
+    """The halo of a run's objective (config.Config): its network, its deepest layer."""
+    return halo(cfg.model.network, [*cfg.model.content_layers, *cfg.model.style_layers])
+
+
+def stage_core(cfg, shape: tuple[int, int]) -> int | None:
+    """The one decision whether a stage is tiled: the core its objective is computed with, for
+    an image of `shape` (H, W), or None: whole. Only a size tiles (config.tile as given, or as
+    the estimate chose it for `auto`), and only where it cuts the image into more than one
+    window: a tile larger than the image, or a small stage of coarse to fine, runs whole."""
+    core = cfg.tile
+    if isinstance(core, bool) or not isinstance(core, int):
+        return None
+    h = objective_halo(cfg)
+    return core if len(spans(shape[0], core, h)) * len(spans(shape[1], core, h)) > 1 else None
 
 
 # ------------------------------------------------------------------ crops inside the network

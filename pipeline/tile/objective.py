@@ -175,6 +175,7 @@ class TiledValueAndGrad:
     """
 
     terms = ("content", "style", "tv")  # and "temporal" for a video frame, as Objective's
+    on_host = True  # a value-and-gradient already, not a keras.ops objective to compile
 
     def __init__(self, extractor, layer_names, cfg, content, styles, core: int,
                  style_masks=None, content_mask=None, temporal=None):
