@@ -57,7 +57,10 @@ def color_inputs(cfg: Config, content, styles):
 
 def initial_image(cfg: Config, content, styles, init_image=None) -> np.ndarray:
     """The starting pixels: the content, seeded noise of its shape, the first style or an
-    init image (these two at their own size: start_image scales them to the content's)."""
+    init image (these two at their own size: start_image scales them to the content's). An
+    init image given is the start whatever `init` says (a video frame's previous frame)."""
+    if init_image is not None:
+        return init_image
     if cfg.init == "content":
         return content.copy()
     if cfg.init == "noise":
@@ -92,13 +95,14 @@ class GreyObjective:
 
 
 def stage_objective(cfg: Config, network, content, styles, size: int, style_masks=None,
-                    content_mask=None):
+                    content_mask=None, temporal=None):
     """The objective at one stage's size: content and styles scaled to it (each style to
     style_scale times it), checked against the deepest layer, coloured as `preserve_colors`
     asks, masks resized to the content's shape; its targets computed once, here. Returns it,
     the content and styles as its targets saw them, and the content at that size in its own
     colours (luminance mode restores them into the result). `network` is
-    model.feature_extractor's (extractor, layer names, weights)."""
+    model.feature_extractor's (extractor, layer names, weights); `temporal`, a video frame's
+    (warped, weights, temporal_weight) at the content's shape (losses.Objective)."""
     extractor, layer_names, _ = network
     original, styles = prepare(cfg, content, styles, size)
     shape = original.shape[:2]
@@ -109,7 +113,7 @@ def stage_objective(cfg: Config, network, content, styles, size: int, style_mask
     check_fits(cfg, original, styles)
     content, styles = color_inputs(cfg, original, styles)
     objective = Objective(extractor, layer_names, cfg, content, styles, style_masks=style_masks,
-                          content_mask=content_mask)
+                          content_mask=content_mask, temporal=temporal)
     if cfg.preserve_colors == "luminance":
         objective = GreyObjective(objective)
     return objective, content, styles, original
@@ -140,6 +144,8 @@ def stylize(
     start: scales.Start | None = None,
     style_masks: list[np.ndarray | None] | None = None,
     content_mask: np.ndarray | None = None,
+    network=None,
+    temporal=None,
 ) -> tuple[optimize.Result, str]:
     """Optimise an image for `cfg`. Images are RGB float arrays in 0..255, any size; masks
     are (H, W) arrays in 0..1 at any size (each is resized to the generated image's shape).
@@ -151,15 +157,18 @@ def stylize(
     carry the run's first loss (`initial`). Returns the last stage's Result, with the run's
     initial loss (None when a resumed checkpoint did not keep it), and a description of the
     weights that were loaded.
+
+    A clip's frames share one `network` (model.feature_extractor's; None: built here) and
+    each adds its `temporal` term (see stage_objective).
     """
     keras.utils.set_random_seed(cfg.seed)
-    network = model.feature_extractor(cfg.model, cfg.seed)
+    network = network or model.feature_extractor(cfg.model, cfg.seed)
     plan = scales.stages(cfg)
     start = start or scales.Start()
     done, initial = start.done, start.initial
     for stage in plan[start.stage - 1:]:
         objective, content_s, styles_s, original = stage_objective(
-            cfg, network, content, styles, stage.size, style_masks, content_mask)
+            cfg, network, content, styles, stage.size, style_masks, content_mask, temporal)
         x0 = start_image(cfg, start, stage, content_s, styles_s, init_image)
         resumed_here = start.inside and stage.index == start.stage
         first = start.image is None and stage is plan[0]  # its first loss is the run's

@@ -32,6 +32,8 @@ class Estimate:
     device: str
     largest_size: int  # the largest `size` that fits (same aspect, multiple of 16)
     state_bytes: float = 0.0  # the checkpoint's state.npz on disk, while the run is under way
+    frames: int = 0  # a clip's frames (0: an image)
+    frame_seconds: float = 0.0  # a clip's frame after the first
 
     @property
     def fits(self) -> bool:
@@ -40,9 +42,11 @@ class Estimate:
     def line(self) -> str:
         disk = (f", checkpoints {self.state_bytes / GB:.2f} GB on disk (state.npz)"
                 if self.state_bytes >= STATE_SHOWN else "")
+        clip = (f"{_duration(self.frame_seconds)} per frame x {self.frames} frames, "
+                if self.frames else "")
         return (f"estimate: {self.width}x{self.height}: peak memory {self.peak_bytes / GB:.2f} GB "
                 f"of {self.limit_bytes / GB:.1f} GB, {self.seconds_per_iteration:.3g} s/iteration, "
-                f"about {_duration(self.seconds)} in all ({self.device}){disk}")
+                f"{clip}about {_duration(self.seconds)} in all ({self.device}){disk}")
 
     def refusal(self) -> str:
         return (f"run {self.run_id}: estimated peak memory {self.peak_bytes / GB:.1f} GB at "
@@ -99,11 +103,12 @@ SCIPY_BYTES = 2 * 3 * 8  # per pixel and correction: s and y, float64, three cha
 
 
 def estimate(cfg: config.Config, run_id: str, cal: dict, limit: float,
-             read_size=images.read_size) -> Estimate:
+             read_size=images.read_size, clip=None) -> Estimate:
     """The run's estimate from a calibration and `limit`, the bytes it may use. The content's
     and style images' sizes come from their headers (`read_size(path) -> (width, height)`);
-    images.ImageError when one cannot be read."""
-    content = read_size(cfg.content)
+    images.ImageError when one cannot be read. A clip (video.plan.Clip) is its frames' size,
+    and each frame one run: per frame x frames (the flow is a few percent more, not counted)."""
+    content = read_size(cfg.content) if clip is None else clip.shape[::-1]
     styles = [read_size(path) for path in config.style_list(cfg.style)]
     (a, b), c, (t, u) = cal["memory"], cal["style"], cal["seconds"]
     method, m = cfg.optimizer.method, config.history(cfg.optimizer)
@@ -130,8 +135,14 @@ def estimate(cfg: config.Config, run_id: str, cal: dict, limit: float,
         largest = min(config.MAX_SIZE, int(cfg.size * math.sqrt((limit - a) / growing)))
         largest = largest // 16 * 16
     disk = state_bytes(method, m, pixels) if cfg.checkpoint_every else 0.0
+    frames, frame_seconds = 0, 0.0
+    if clip is not None:
+        from pipeline.video import plan as clips
+
+        frames, frame_seconds = clip.count, cfg.optimizer.iterations * (t + u * pixels)
+        seconds = clips.total_iterations(cfg, clip.count) * (t + u * pixels)
     return Estimate(run_id, w, h, a + growing, t + u * pixels, seconds, limit, cal["device"],
-                    largest, disk)
+                    largest, disk, frames, frame_seconds)
 
 
 def for_jobs(jobs, workers: int = 1, log=None, on_skip=None) -> dict[str, Estimate]:
@@ -154,8 +165,9 @@ def for_jobs(jobs, workers: int = 1, log=None, on_skip=None) -> dict[str, Estima
 
     calibrations: dict[str, tuple[dict, float]] = {}
     for job in jobs:
+        clip = getattr(job, "clip", None)  # checked when planned: its size is known
         try:
-            for path in (job.cfg.content, *config.style_list(job.cfg.style)):
+            for path in ([] if clip else [job.cfg.content]) + config.style_list(job.cfg.style):
                 read_size(path)
         except images.ImageError as e:
             if on_skip:
@@ -168,5 +180,5 @@ def for_jobs(jobs, workers: int = 1, log=None, on_skip=None) -> dict[str, Estima
             devices = max(1, len(gpu_list())) if not cal["device"].startswith("cpu") else 1
             calibrations[name] = cal, available_memory(cal) / max(1, math.ceil(workers / devices))
         cal, limit = calibrations[name]
-        out[job.run_id] = estimate(job.cfg, job.run_id, cal, limit, read_size)
+        out[job.run_id] = estimate(job.cfg, job.run_id, cal, limit, read_size, clip)
     return out
