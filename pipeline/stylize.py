@@ -90,8 +90,12 @@ class GreyObjective:
     def __init__(self, objective: Objective):
         self.objective, self.terms = objective, objective.terms
 
-    def __call__(self, y):
-        return self.objective(ops.repeat(y, 3, axis=-1))
+    @property
+    def inputs(self) -> dict:
+        return self.objective.inputs
+
+    def __call__(self, y, inputs=None):
+        return self.objective(ops.repeat(y, 3, axis=-1), inputs)
 
 
 def stage_objective(cfg: Config, network, content, styles, size: int, style_masks=None,
@@ -146,6 +150,7 @@ def stylize(
     content_mask: np.ndarray | None = None,
     network=None,
     temporal=None,
+    shared=None,
 ) -> tuple[optimize.Result, str]:
     """Optimise an image for `cfg`. Images are RGB float arrays in 0..255, any size; masks
     are (H, W) arrays in 0..1 at any size (each is resized to the generated image's shape).
@@ -159,7 +164,8 @@ def stylize(
     weights that were loaded.
 
     A clip's frames share one `network` (model.feature_extractor's; None: built here) and
-    each adds its `temporal` term (see stage_objective).
+    its compiled functions (`shared`, an autodiff.Shared), and each adds its `temporal` term
+    (see stage_objective).
     """
     keras.utils.set_random_seed(cfg.seed)
     network = network or model.feature_extractor(cfg.model, cfg.seed)
@@ -184,7 +190,8 @@ def stylize(
 
         result = optimize.solve(cfg.optimizer, objective, network[0].variables, x0,
                                 stage.last, stage_step, should_stop, done,
-                                start.state if resumed_here else None, cfg.checkpoint_every)
+                                start.state if resumed_here else None, cfg.checkpoint_every,
+                                shared)
         if first and initial is None:  # no iteration ran (a non-finite start, a stop)
             initial = result.initial
         if result.reason not in _STAGE_DONE or stage is plan[-1]:

@@ -38,10 +38,12 @@ def solve(
     done: tuple[int, int, float] = (0, 0, 0.0),
     state: dict | None = None,
     checkpoint_every: int = 0,
+    shared=None,
 ) -> Result:
     """Minimise `objective(x) -> (total, terms)` (losses.Objective, keras.ops) from x0 until
     `iterations` in all. `done` and `state` continue an earlier part of the run: its counts,
-    and the optimiser's state that its checkpoint kept (Step.state), or None."""
+    and the optimiser's state that its checkpoint kept (Step.state), or None. `shared`
+    (autodiff.Shared): compiled functions a clip's frames share."""
     from pipeline import autodiff
 
     state = state or {}
@@ -50,12 +52,12 @@ def solve(
         if {"best_x", "best"} <= state.keys():  # the stage's best so far, kept by a checkpoint
             names = ("total", *objective.terms)
             best = state["best_x"], {k: float(v) for k, v in zip(names, state["best"])}
-        vg = autodiff.value_and_grad(objective, variables)
+        vg = autodiff.value_and_grad(objective, variables, shared)
         return minimize(vg, x0, iterations, history(opt), on_step, should_stop, done,
                         ftol=opt.ftol, gtol=opt.gtol, best=best)
     from pipeline.optimize import device  # compiled on the device, many iterations a call
 
     compiled = device.compile_method(device_method(opt.method, history(opt)), objective,
-                                     variables)
+                                     variables, shared)
     return device.minimize(compiled, x0, iterations, on_step, should_stop, done, state or None,
                            checkpoint_every)

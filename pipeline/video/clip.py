@@ -198,11 +198,13 @@ def run(run: life.RunLife, clip: plan.Clip | None, on_step, should_stop, environ
         record = ClipRecord(run, clip)
         env = environment()
         loaded = inputs(cfg)
-        from pipeline import model  # the framework: loaded by the run's process already
+        from pipeline import autodiff, model  # the framework: loaded by the run's process
 
-        network = model.feature_extractor(cfg.model, cfg.seed)  # one for every frame
-        status, message = _frames(run, record, clip, loaded, env, network, on_step,
-                                  should_stop)
+        # One network for every frame, and one compile for every frame of one kind (the
+        # first, the others: each frame's targets are arguments, autodiff.Shared).
+        network = model.feature_extractor(cfg.model, cfg.seed)
+        status, message = _frames(run, record, clip, loaded, env,
+                                  (network, autodiff.Shared()), on_step, should_stop)
         if status == "completed":
             folder = run.folder
             size = assemble(folder.saved_frames()[:clip.count], folder.video, clip.fps)
@@ -225,9 +227,10 @@ def run(run: life.RunLife, clip: plan.Clip | None, on_step, should_stop, environ
     return Outcome(run.run_id, status, run.folder, message)
 
 
-def _frames(run, record: ClipRecord, clip: plan.Clip, loaded: dict, env: dict, network,
+def _frames(run, record: ClipRecord, clip: plan.Clip, loaded: dict, env: dict, compute,
             on_step, should_stop) -> tuple[str, str]:
-    """The frames not done, in order; (the clip's status, a message) when they end."""
+    """The frames not done, in order; (the clip's status, a message) when they end.
+    `compute`: the network and the compiled functions (autodiff.Shared) every frame uses."""
     cfg, video = run.cfg, run.cfg.video
     done = record.done()
     if done == clip.count:
@@ -246,13 +249,13 @@ def _frames(run, record: ClipRecord, clip: plan.Clip, loaded: dict, env: dict, n
         if should_stop():
             return "interrupted", "stopped on request"
         status, message = _frame(run, record, clip, position, window, flows, loaded, env,
-                                 network, on_step, should_stop)
+                                 compute, on_step, should_stop)
         if status != "completed":
             return status, message
     return "completed", ""
 
 
-def _frame(run, record, clip, position, window, flows, loaded, env, network, on_step,
+def _frame(run, record, clip, position, window, flows, loaded, env, compute, on_step,
            should_stop) -> tuple[str, str]:
     """One frame: its temporal targets and start from the saved frames before it, then its
     own life (start or resume, record, finish). Returns its status and message."""
@@ -302,8 +305,8 @@ def _frame(run, record, clip, position, window, flows, loaded, env, network, on_
         result, weights = stylize(frame_cfg, content, loaded["styles"], init_image=x0,
                                   on_step=record_step, should_stop=should_stop, start=start,
                                   style_masks=loaded["style_masks"],
-                                  content_mask=loaded["content_mask"], network=network,
-                                  temporal=temporal_args)
+                                  content_mask=loaded["content_mask"], network=compute[0],
+                                  temporal=temporal_args, shared=compute[1])
         status = frame_life.finish(result, weights)
     except Exception as e:  # noqa: BLE001 - recorded as the frame's (and the clip's) failure
         return "failed", frame_life.fail(e)
