@@ -280,6 +280,26 @@ def test_a_sweep_computes_its_flows_once(flicker):
             assert 0 <= entry["flow_seconds"] < entry["wall_seconds"]
 
 
+def test_the_demo_clip_is_made_the_same_every_time_and_kept(tmp_path):
+    """`make video`'s clip (scripts/make_demo_clip.py): an mp4 of the frames asked for, the
+    same bytes on every run (they are its run id's), a slow move (neighbouring frames closer
+    than the first and last), and an existing file kept."""
+    script = [sys.executable, str(ROOT / "scripts" / "make_demo_clip.py")]
+    first, again = tmp_path / "a.mp4", tmp_path / "b.mp4"
+    for out in (first, again):
+        subprocess.run([*script, str(out), "--frames", "4", "--size", "64"], check=True,
+                       cwd=tmp_path, env=cli_env(), capture_output=True)
+    assert first.read_bytes() == again.read_bytes()
+    info = frames.probe(first)
+    assert (info.count, info.shape, info.fps) == (4, (48, 64), 12.0)
+    pixels = [f for _, f in frames.read_frames(info)]
+    assert 0 < np.abs(pixels[1] - pixels[0]).mean() < np.abs(pixels[3] - pixels[0]).mean()
+    written = first.stat().st_mtime_ns
+    subprocess.run([*script, str(first)], check=True, cwd=tmp_path, env=cli_env(),
+                   capture_output=True)
+    assert first.stat().st_mtime_ns == written
+
+
 # --------------------------------------------------------------------------- bad clips
 
 
