@@ -26,9 +26,18 @@ DEMO_ARGS := $(if $(WEIGHTS),--set model.weights=$(WEIGHTS))
 ifeq ($(WEIGHTS),random)
 DEMO_ARGS += --set size=128 --set optimizer.iterations=60 --set checkpoint_every=20
 endif
+# `make video`: the demo clip (made by a script, never committed) stylised frame by frame.
+# WEIGHTS=random is the same quick offline check: 24 frames at 128 px in a few minutes on a
+# 2-core CPU.
+DEMO_CLIP := outputs/demo-clip.mp4
+VIDEO_ARGS := $(if $(WEIGHTS),--set model.weights=$(WEIGHTS))
+ifeq ($(WEIGHTS),random)
+VIDEO_ARGS += --set size=128 --set optimizer.iterations=20 --set video.first_iterations=40 \
+              --set checkpoint_every=10
+endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test demo run sweep overnight doctor status report estimate bench bench-eval bench-workers bench-estimate bench-methods bench-gpu bench-tiles bench-video lint clean
+.PHONY: help setup test demo video run sweep overnight doctor status report estimate bench bench-eval bench-workers bench-estimate bench-methods bench-gpu bench-tiles bench-video lint clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -42,7 +51,7 @@ $(STAMP): pyproject.toml constraints.txt
 # README, Backends and GPUs); `make run KERAS_BACKEND=tensorflow ...` overrides. Tests keep
 # Keras's default.
 ifeq ($(GPU),1)
-demo run sweep overnight estimate doctor bench bench-eval bench-workers bench-estimate bench-tiles bench-video: export KERAS_BACKEND ?= jax
+demo video run sweep overnight estimate doctor bench bench-eval bench-workers bench-estimate bench-tiles bench-video: export KERAS_BACKEND ?= jax
 endif
 
 setup: $(STAMP) ## create .venv and install everything; CUDA builds on NVIDIA machines (GPU=0/1)
@@ -52,6 +61,12 @@ test: $(STAMP) ## run the test suite (no network, no GPU needed)
 
 demo: $(STAMP) ## stylise the demo images into outputs/demo/ (WEIGHTS=random: offline check)
 	$(PY) -m pipeline run configs/demo.yaml $(DEMO_ARGS) $(ARGS)
+
+video: $(STAMP) $(DEMO_CLIP) ## stylise a demo clip into outputs/demo-video/ (WEIGHTS=random: offline check)
+	$(PY) -m pipeline run configs/video.yaml $(VIDEO_ARGS) $(ARGS)
+
+$(DEMO_CLIP): | $(STAMP)
+	$(PY) scripts/make_demo_clip.py $@
 
 run: $(STAMP) ## run a config: make run CONFIG=configs/x.yaml [ARGS="--set size=256"]
 	@test -n "$(CONFIG)" || { echo "usage: make run CONFIG=path/to/config.yaml"; exit 2; }

@@ -1,22 +1,25 @@
-"""Video: seconds per frame split into optical flow and stylisation, and the flicker the
-temporal term removes, on a slow pan over a photo generated here (nothing is read from or
-written to disk but the photo).
+"""Video: seconds per frame split into optical flow and stylisation, what a frame's compile
+costs, the flicker the temporal term removes, and how many iterations a frame needs; through
+the real run path (batch.plan and run_one: the frames' lives, the flow cache, metrics.json).
 
-Each frame after the first is stylised twice from the same content frame, at equal
-iterations: independently (from the content frame, as an image run starts), and as Ruder et
-al. do (from the previous stylised frame warped onto it, its holes filled from the content,
-with the temporal term towards that warped frame where the flow is consistent). Both arms
-share the first frame. Flicker is the warping error of each arm's frame t against its own
-frame t-1 (temporal.warping_error: grey levels over consistent pixels, flow from the content
-frames); the ratio is temporal / independent, and Ruder's method should bring it to <= 0.3.
+The clip is the video demo's (scripts/make_demo_clip.py: a slow pan and zoom over the demo's
+photo), made in a temporary folder at --size, and stylised twice at equal iterations, in one
+experiment (so the second arm reads the first one's flows):
+- ruder: the defaults (each frame from the previous one warped, with the temporal term);
+- independent: every frame from its own content, no temporal term (video.init content,
+  video.temporal_weight 0), as a folder of frames run one by one would be.
+Flicker is each arm's warping error (metrics.json, per frame: grey levels over consistent
+pixels); the ratio ruder / independent should be <= 0.3.
 
     python benchmarks/bench_video.py [--size 256] [--frames 4] [--iterations 100]
-                                     [--temporal-weight W] [--flow dis] [--photo PATH]
+                                     [--arms ruder independent] [--set KEY=VALUE ...]
 
-Random weights (no art, the same arithmetic), the demo's photo and style, scipy's L-BFGS-B
-unless --set optimizer.method=lbfgs. The stylisation here is stylize.stylize's single-stage
-path written out (Objective, value_and_grad, optimize.minimize): stylize() does not take a
-temporal term yet.
+Random weights (no art, the same arithmetic), the demo's style, scipy's L-BFGS-B unless
+--set optimizer.method=lbfgs. Every frame runs --iterations (the first frame too: equal
+iterations). `converged` is the first iteration whose total is within 1% (and 0.1%) of the
+frame's last: where more iterations stop paying. The compile is measured apart: a
+value-and-gradient with a temporal term built and called twice (first call minus second); a
+clip pays it once per kind of frame, not per frame (its frames share it: autodiff.Shared).
 """
 
 from __future__ import annotations
@@ -24,55 +27,57 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("PIPELINE_SKIP_ESTIMATE", "1")  # nothing to calibrate: only runs
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import demo_inputs, write_json  # noqa: E402
+from common import ROOT, write_json  # noqa: E402
 
-from pipeline import autodiff, config, images, optimize  # noqa: E402
-from pipeline.losses import Objective  # noqa: E402
-from pipeline.optimize import device  # noqa: E402
-from pipeline.video import consistency, flow, temporal  # noqa: E402
+from pipeline import batch, config, framework  # noqa: E402
 
-
-def pan_clip(photo, size: int, count: int, step: float = 4.0):
-    """`count` frames of a window moving `step` photo pixels right and step/3 down per frame
-    across `photo`, each frame `size` on its long side (4:3): a camera panning slowly, with
-    sub-pixel motion at the frame's scale."""
-    ph, pw = photo.shape[:2]
-    span = step * (count - 1)
-    wh, ww = int((pw - span) * 3 / 4), int(pw - span)  # the window, in photo pixels
-    if wh + span / 3 > ph:
-        wh = int(ph - span / 3)
-        ww = int(wh * 4 / 3)
-    out = []
-    for t in range(count):
-        x0, y0 = round(t * step), round(t * step / 3)
-        out.append(images.resize_to(photo[y0:y0 + wh, x0:x0 + ww], (size * 3 // 4, size)))
-    return out
+ARMS = {"ruder": [], "independent": ["video.init=content", "video.temporal_weight=0"]}
 
 
-def stylise(cfg, extractor, names, content, styles, x0, temporal_args=None):
-    """One frame: (image, seconds to build the objective and compile it, seconds to optimise)."""
-    start = time.perf_counter()
-    objective = Objective(extractor, names, cfg, content, styles, temporal=temporal_args)
-    opt = cfg.optimizer
-    if opt.method == "scipy":
-        vg = autodiff.value_and_grad(objective, extractor.variables)
-        vg(x0)  # compiled here, so that the optimisation's seconds are the iterations'
-        built = time.perf_counter() - start
-        result = optimize.minimize(vg, x0, opt.iterations, config.history(opt))
-    else:
-        method = optimize.device_method(opt.method, config.history(opt))
-        compiled = device.compile_method(method, objective, extractor.variables)
-        built = time.perf_counter() - start
-        result = device.minimize(compiled, x0, opt.iterations, None, lambda: False,
-                                 (0, 0, 0.0), None, 0)
-    return result.image, built, time.perf_counter() - start - built
+def converged(trace: list[dict], frame: int, within: float) -> int | None:
+    """The first iteration of `frame` whose total is within `within` of its last one's."""
+    rows = [r for r in trace if r["frame"] == frame]
+    last = rows[-1]["total"]
+    return next((r["iteration"] for r in rows if r["total"] <= last * (1 + within)), None)
+
+
+def compile_seconds(cfg, clip_path: str) -> float:
+    """A later frame's objective compiled as a run compiles it (stylize.stage_objective with a
+    temporal term, autodiff.value_and_grad): its first call minus its second; twice, the
+    second measure kept (the first also loads the framework's kernels)."""
+    import numpy as np
+
+    from pipeline import autodiff, images, model
+    from pipeline.stylize import stage_objective
+    from pipeline.video import frames
+
+    info = frames.probe(clip_path)
+    content = images.resize_long_side(next(frames.read_frames(info, range(1)))[1], cfg.size)
+    styles = [images.load_image(s) for s in cfg.style]
+    network = model.feature_extractor(cfg.model, cfg.seed)
+    weights = np.ones(content.shape[:2], np.float32)
+    took = []
+    for _ in range(2):  # the second frame's: new targets, so a new compile, as in a run
+        objective, *_ = stage_objective(cfg, network, content, styles, cfg.size,
+                                        temporal=(content, weights, 1000.0))
+        vg = autodiff.value_and_grad(objective, network[0].variables)
+        start = time.perf_counter()
+        vg(content)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        vg(content)
+        took.append(first - (time.perf_counter() - start))
+    return took[-1]
 
 
 def main(argv=None) -> None:
@@ -80,85 +85,69 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--frames", type=int, default=4)
     parser.add_argument("--iterations", type=int, default=100, help="per frame, each arm")
-    parser.add_argument("--temporal-weight", type=float, default=temporal.RUDER_TEMPORAL_WEIGHT)
-    parser.add_argument("--flow", choices=flow.METHODS, default="dis")
-    parser.add_argument("--step", type=float, default=4.0, help="pan, photo pixels per frame")
-    parser.add_argument("--photo", type=Path, help="default: the demo's content photo")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    framework.load()
 
-    cfg, _, styles, extractor, names = demo_inputs(
-        args.size, f"optimizer.iterations={args.iterations}", *args.set)
-    photo = images.load_image(args.photo or cfg.content)
-    clip = pan_clip(photo, args.size, args.frames, args.step)
-    print(f"{args.frames} frames of {clip[0].shape[1]}x{clip[0].shape[0]}, pan {args.step} photo "
-          f"px/frame; {cfg.optimizer.method}, {args.iterations} iterations per frame; "
-          f"temporal_weight {args.temporal_weight:g}; flow {args.flow}; load "
-          f"{os.getloadavg()[0]:.2f}", flush=True)
-
-    first, built, took = stylise(cfg, extractor, names, clip[0], styles, clip[0])
-    print(f"frame 1: {built:.1f} s build + {took:.1f} s optimise", flush=True)
-    independent, ruder = [first], [first]
-    rows = []
-    for t in range(1, args.frames):
-        content = clip[t]
+    folder = Path(tempfile.mkdtemp(prefix="bench-video-"))
+    clip = folder / "clip.mp4"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_clip.py"), str(clip),
+                    "--frames", str(args.frames), "--size", str(args.size)], check=True,
+                   stdout=subprocess.DEVNULL)
+    common = [f"content={clip}", f"size={args.size}", "model.weights=random",
+              f"optimizer.iterations={args.iterations}",
+              f"video.first_iterations={args.iterations}", "checkpoint_every=0",
+              f"output_dir={folder}", "name=bench", *args.set]
+    print(f"{args.frames} frames of {args.size} px (the demo's pan and zoom), "
+          f"{args.iterations} iterations each; load {os.getloadavg()[0]:.2f}", flush=True)
+    summary: dict = {"size": args.size, "frames": args.frames, "iterations": args.iterations,
+                     "arms": {}}
+    for arm in args.arms:
+        cfg = config.load(ROOT / "configs" / "video.yaml", [*common, *ARMS[arm]])
+        (job,) = batch.plan(cfg)
         start = time.perf_counter()
-        backward, forward = flow.flows(content, clip[t - 1], args.flow)
-        weights = consistency.reliable(backward, forward)
-        flow_s = time.perf_counter() - start
-
-        x_ind, _, ind_s = stylise(cfg, extractor, names, content, styles, content)
-        start = time.perf_counter()
-        x0 = flow.prev_warped(ruder[-1], backward, content)
-        warped, c = temporal.targets([ruder[-1]], [backward], [weights])
-        prep_s = time.perf_counter() - start
-        x_rud, built_s, rud_s = stylise(cfg, extractor, names, content, styles, x0,
-                                        (warped, c, args.temporal_weight))
-        independent.append(x_ind)
-        ruder.append(x_rud)
-        row = {
-            "frame": t + 1,
-            "flow_s": flow_s,
-            "warp_s": prep_s,
-            "build_s": built_s,
-            "stylise_s": rud_s,
-            "stylise_independent_s": ind_s,
-            "consistent": float(weights.mean()),
-            "flicker_independent": temporal.warping_error(x_ind, independent[-2], backward,
-                                                          weights),
-            "flicker_temporal": temporal.warping_error(x_rud, ruder[-2], backward, weights),
-            "flicker_content": temporal.warping_error(content, clip[t - 1], backward, weights),
-            # How far stylisation moved the pixels: flicker is only meaningful beside it.
-            "change_independent": float(abs(x_ind - content).mean()),
-            "change_temporal": float(abs(x_rud - content).mean()),
-        }
-        row["ratio"] = row["flicker_temporal"] / row["flicker_independent"]
-        frame_s = flow_s + prep_s + built_s + rud_s
-        row["flow_share"] = flow_s / frame_s
-        rows.append(row)
-        print(f"frame {t + 1}: flow {flow_s * 1000:.0f} ms ({row['flow_share']:.2%} of the "
-              f"frame), build {built_s:.1f} s, optimise {rud_s:.1f} s (independent "
-              f"{ind_s:.1f} s); consistent {row['consistent']:.0%}; flicker independent "
-              f"{row['flicker_independent']:.2f}, temporal {row['flicker_temporal']:.2f} "
-              f"(ratio {row['ratio']:.2f}), content's own {row['flicker_content']:.2f}; "
-              f"change from the content {row['change_independent']:.1f} / "
-              f"{row['change_temporal']:.1f}", flush=True)
-
-    ind = statistics.mean(r["flicker_independent"] for r in rows)
-    rud = statistics.mean(r["flicker_temporal"] for r in rows)
-    flow_s = statistics.median(r["flow_s"] for r in rows)
-    frame_s = statistics.median(r["flow_s"] + r["warp_s"] + r["build_s"] + r["stylise_s"]
-                                for r in rows)
-    print(f"\nflicker (mean warping error, grey levels): independent {ind:.2f}, temporal "
-          f"{rud:.2f}: ratio {rud / ind:.3f}")
-    print(f"per frame (median): {frame_s:.1f} s, of which flow {flow_s * 1000:.0f} ms "
-          f"({flow_s / frame_s:.2%})")
-    write_json(args.json, {"size": args.size, "iterations": args.iterations,
-                           "temporal_weight": args.temporal_weight, "flow": args.flow,
-                           "method": cfg.optimizer.method, "frames": rows,
-                           "flicker_ratio": rud / ind, "seconds_per_frame": frame_s,
-                           "flow_seconds": flow_s})
+        outcome = batch.run_one(job)
+        wall = time.perf_counter() - start
+        assert outcome.status == "completed", outcome.message
+        metrics = outcome.folder.read_metrics()
+        trace = outcome.folder.read_trace()
+        later = metrics["frames"][1:]
+        rows = []
+        for entry in metrics["frames"]:
+            n = entry["frame"]
+            row = {k: entry.get(k) for k in ("frame", "wall_seconds", "seconds", "flow_seconds",
+                                              "flows_cached", "warping_error")}
+            row.update(converged_1pct=converged(trace, n, 0.01),
+                       converged_01pct=converged(trace, n, 0.001))
+            rows.append(row)
+            print(f"  {arm} frame {n}: {entry['wall_seconds']:.1f} s (optimiser "
+                  f"{entry['seconds']:.1f} s, flow {1000 * (entry.get('flow_seconds') or 0):.0f}"
+                  f" ms{', cached' if entry.get('flows_cached') else ''}); warping error "
+                  f"{entry.get('warping_error')}; within 1% of its last loss at iteration "
+                  f"{row['converged_1pct']}, 0.1% at {row['converged_01pct']}", flush=True)
+        frame_s = statistics.median(e["wall_seconds"] for e in later)
+        flow_s = statistics.median(e["flow_seconds"] for e in later
+                                   if not e["flows_cached"]) if not all(
+            e["flows_cached"] for e in later) else None
+        summary["arms"][arm] = {"wall_seconds": wall, "frame_seconds": frame_s,
+                                "flow_seconds": flow_s, "warping_error": metrics["warping_error"],
+                                "frames": rows}
+        share = f", flow {1000 * flow_s:.0f} ms = {flow_s / frame_s:.2%}" if flow_s else ""
+        print(f"{arm}: {wall:.0f} s for the clip; a later frame (median) {frame_s:.1f} s"
+              f"{share}; warping error {metrics['warping_error']}", flush=True)
+    if {"ruder", "independent"} <= summary["arms"].keys():
+        ratio = (summary["arms"]["ruder"]["warping_error"]
+                 / summary["arms"]["independent"]["warping_error"])
+        summary["flicker_ratio"] = ratio
+        print(f"flicker: ruder / independent = {ratio:.3f}")
+    summary["compile_seconds"] = compile_seconds(job.cfg, str(clip))
+    frame_s = summary["arms"][args.arms[0]]["frame_seconds"]
+    print(f"a compile: {summary['compile_seconds']:.2f} s, once per clip "
+          f"({summary['compile_seconds'] / frame_s:.1%} of a later frame); load "
+          f"{os.getloadavg()[0]:.2f}")
+    write_json(args.json, summary)
 
 
 if __name__ == "__main__":

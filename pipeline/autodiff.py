@@ -18,14 +18,50 @@ import numpy as np
 ValueAndGrad = Callable[[np.ndarray], tuple[float, dict, np.ndarray]]
 
 
-def value_and_grad(objective, variables) -> ValueAndGrad:
+class Shared:
+    """Compiled functions shared by objectives that differ in their targets alone: a clip's
+    frames (one network, one run's settings, frames of one size; each frame's content and
+    temporal targets its own). Each function is compiled once per kind, shape and structure of
+    the targets, with the targets as arguments (losses.Objective.inputs), and each objective
+    calls it with its own. Without it every frame compiles anew: lbfgs on JAX, 3 frames at
+    96 px, 12 iterations each, on a 2-core CPU (load 5): a later frame took 21.6 s compiling
+    its own loop and 8.5 s sharing one (XLA compiles on the host, on a GPU too); scipy on
+    TensorFlow, whose trace is cheap, 2.1-2.3 s either way. The frames are the same bit for
+    bit. One per clip run: a function holds on to the first objective's network and
+    settings."""
+
+    def __init__(self):
+        self.compiled: dict = {}
+
+    def get(self, key, make: Callable):
+        if key not in self.compiled:
+            self.compiled[key] = make()
+        return self.compiled[key]
+
+
+def signature(objective) -> str:
+    """What a function compiled for `objective` depends on beyond its network and settings:
+    its terms and the shapes of its inputs (Shared's key)."""
+    shapes = keras.tree.map_structure(lambda a: tuple(a.shape), objective.inputs)
+    return repr((type(objective).__name__, tuple(objective.terms), shapes))
+
+
+def value_and_grad(objective, variables, shared: Shared | None = None) -> ValueAndGrad:
     """Compile `objective(x) -> (total, terms)` for the active Keras backend.
 
     `variables` are the Keras variables the objective reads (the network's weights); the JAX
     version passes them as arguments so that they are not baked into the compiled program.
+    The objective's targets (`inputs`, where it has them) are arguments too, and with
+    `shared` the function is compiled once for every objective of the same signature.
     """
-    step = gradient(objective, variables)
-    return lambda x: _to_host(*step(x))
+    inputs = _targets(objective)
+
+    def make():
+        return gradient(lambda x, inputs: _call(objective, x, inputs), variables)
+
+    step = make() if shared is None else shared.get(("value_and_grad", signature(objective)),
+                                                    make)
+    return lambda x: _to_host(*step(x, inputs))
 
 
 def gradient(fn, variables) -> Callable:
@@ -61,18 +97,26 @@ def once(fn, variables) -> Callable:
     return fn if _backend() == "tensorflow" else function(fn, variables)
 
 
-def compiled_loop(objective, variables, program) -> Callable:
+def compiled_loop(objective, variables, program, shared: Shared | None = None,
+                  key=()) -> Callable:
     """Compile `program(vg, state, n) -> outputs` for the active Keras backend.
 
     `program` is written in keras.ops (a while_loop of optimiser iterations, say); `vg(x)`,
     which it may call any number of times, returns (total, terms, gradient) as tensors of
     the same compiled program, so the whole loop runs on the device without the host.
     `state` is a dict of arrays and `n` an int; neither shape nor `n` causes a recompile.
-    Returns a function of (state, n) giving `program`'s outputs as backend tensors.
+    Returns a function of (state, n) giving `program`'s outputs as backend tensors. The
+    objective's targets are arguments (as for value_and_grad); with `shared`, the loop is
+    compiled once per `key` (what else shapes `program`: the optimiser) and signature.
     """
-    if _backend() == "tensorflow":
-        return _tensorflow_loop(objective, program)
-    return _jax_loop(objective, variables, program)
+    def make():
+        if _backend() == "tensorflow":
+            return _tensorflow_loop(objective, program)
+        return _jax_loop(objective, variables, program)
+
+    inputs = _targets(objective)
+    loop = make() if shared is None else shared.get(("loop", key, signature(objective)), make)
+    return lambda state, n: loop(state, n, inputs)
 
 
 def environment() -> dict:
@@ -152,37 +196,52 @@ def _jax_gradient(fn, variables):
     return call
 
 
+def _targets(objective):
+    """The targets a compiled objective takes as arguments (losses.Objective.inputs); None for
+    a function of x alone. Arguments even for one objective alone, not constants: XLA folds
+    constants into the program and rounds differently, so a clip's frames would differ with
+    and without Shared (measured on JAX: by up to 1 grey level after 12 iterations, which
+    the next frames, starting from it, amplify)."""
+    return getattr(objective, "inputs", None)
+
+
+def _call(objective, x, inputs):
+    """objective(x) with the given targets (its own, or another objective's like it)."""
+    return objective(x) if inputs is None else objective(x, inputs)
+
+
 def _tensorflow_loop(objective, program):
     import tensorflow as tf
 
-    def vg(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            total, terms = objective(x)
-        return total, terms, tape.gradient(total, x)
-
     @tf.function
-    def run(state, n):
+    def run(state, n, inputs):
+        def vg(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                total, terms = _call(objective, x, inputs)
+            return total, terms, tape.gradient(total, x)
+
         return program(vg, state, n)
 
-    return lambda state, n: run({k: tf.convert_to_tensor(v) for k, v in state.items()},
-                                tf.constant(n, tf.int32))
+    return lambda state, n, inputs: run({k: tf.convert_to_tensor(v) for k, v in state.items()},
+                                        tf.constant(n, tf.int32), inputs)
 
 
 def _jax_loop(objective, variables, program):
     import jax
 
-    value_and_grad = jax.value_and_grad(objective, has_aux=True)
+    value_and_grad = jax.value_and_grad(lambda x, inputs: _call(objective, x, inputs),
+                                        has_aux=True)
 
-    def vg(x):
-        (total, terms), grad = value_and_grad(x)
-        return total, terms, grad
+    def pure(values, state, n, inputs):
+        def vg(x):
+            (total, terms), grad = value_and_grad(x, inputs)
+            return total, terms, grad
 
-    def pure(values, state, n):
         # The weights are arguments, not constants baked into the program (as in _jax).
         with keras.StatelessScope(state_mapping=list(zip(variables, values))):
             return program(vg, state, n)
 
     run = jax.jit(pure)
     values = [v.value for v in variables]
-    return lambda state, n: run(values, state, np.int32(n))
+    return lambda state, n, inputs: run(values, state, np.int32(n), inputs)

@@ -17,7 +17,7 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from pipeline import batch, config, estimate, framework, jobs, runs, scales, weights
+from pipeline import batch, config, estimate, framework, jobs, runs, weights
 from pipeline.progress import Progress
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -225,7 +225,8 @@ def _run(cfg: config.Config, args) -> int:
         else:
             log.info("%s: %d run(s), %d worker(s)", exp, len(planned), args.workers)
         runs.write_plan(exp, [{"run_id": j.run_id, "label": j.label,
-                               "iterations": scales.total_iterations(j.cfg)} for j in planned],
+                               "iterations": jobs.total_iterations(j),
+                               **({"frames": j.clip.count} if j.clip else {})} for j in planned],
                         executor.capacity if executor else args.workers)
         runs.write_table(exp)
         refused = _refuse(planned, estimates)
@@ -240,7 +241,7 @@ def _run(cfg: config.Config, args) -> int:
         skip = {o.run_id for o in refused}
         outcomes = refused + batch.run_batch(
             [job for job in planned if job.run_id not in skip], args.workers, args.retries, stop,
-            progress=lambda job: Progress(job.run_id, scales.total_iterations(job.cfg),
+            progress=lambda job: Progress(job.run_id, jobs.total_iterations(job),
                                           job.cfg.log_every),
             on_outcome=finished, log_file=str(log_file), executor=executor)
         counts = Counter(o.status for o in outcomes)
@@ -295,7 +296,9 @@ def _say(outcome) -> None:
     if outcome.status == "skipped":
         log.info("%s: already completed, nothing to do (%s)", outcome.run_id, outcome.folder.path)
     elif outcome.status == "completed":
-        log.info("%s: completed -> %s", outcome.run_id, outcome.folder.result)
+        folder = outcome.folder
+        log.info("%s: completed -> %s", outcome.run_id,
+                 folder.video if folder.video.exists() else folder.result)
     elif outcome.status == "interrupted":
         log.info("%s: interrupted; best image so far in %s; run the same command to resume",
                  outcome.run_id, outcome.folder.result)
@@ -334,6 +337,8 @@ def _status(exp: Path) -> int:
         loss = f"loss {row['total']:<9.4g}" if row["total"] is not None else ""
         swept = " ".join(f"{k}={v}" for k, v in row["swept"].items())
         steps = f"{done}/{planned or '?'}"
+        if row["frames_total"]:  # a clip: its frames; the time left counts iterations
+            steps = f"{row['frames_done']}/{row['frames_total']} frames"
         line = f"  {row['status']:<11} {row['run_id']:<{width}} {steps:>11}  {loss:<14}"
         print(f"{line}  {swept}".rstrip() + (f"  ({row['error']})" if row["error"] else ""))
     eta = _time_left(rows, runs.read_plan(exp).get("workers", 1))

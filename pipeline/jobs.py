@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeline import config, images, life, optimize, runs
+from pipeline import config, images, life, optimize, runs, scales
 
 log = logging.getLogger("pipeline")
 
@@ -27,6 +27,7 @@ class Planned:
     label: dict  # the values that set this run apart from its siblings
     cfg: config.Config
     estimate: str = ""  # the memory and time estimate, logged when the run starts
+    clip: object = None  # a clip's video.plan.Clip, checked when planned; None for an image
 
 
 @dataclass
@@ -38,7 +39,20 @@ class Outcome:
 
 
 def plan(cfg: config.Config) -> list[Planned]:
-    return [Planned(config.run_id(c, label), label, c) for label, c in config.expand(cfg)]
+    """The runs a config describes; each clip is checked here (ConfigError naming its file)."""
+    from pipeline.video import plan as clips
+
+    return [Planned(config.run_id(c, label), label, c, clip=clips.check(c) if c.video else None)
+            for label, c in config.expand(cfg)]
+
+
+def total_iterations(job: Planned) -> int:
+    """The iterations of the whole run: every stage's, or every frame's of a clip."""
+    if job.clip is not None:
+        from pipeline.video import plan as clips
+
+        return clips.total_iterations(job.cfg, job.clip.count)
+    return scales.total_iterations(job.cfg)
 
 
 def folder_of(job: Planned) -> runs.RunFolder:
@@ -56,20 +70,24 @@ def run_one(
     `lock=False`: the caller alone owns the run (a cluster whose file system has no flock)."""
     run = life.RunLife(folder_of(job), job.run_id, job.label, job.cfg)
     if run.completed():
+        if job.clip is not None:  # video.fps is no part of the id: a new one re-times it
+            from pipeline.video import clip as clips
+
+            clips.retime(run, job.clip)
         return Outcome(job.run_id, "skipped", run.folder, "already completed")
     if job.estimate:
         log.info("%s: %s", job.run_id, job.estimate)
     if not lock:
-        return _run(run, on_step, should_stop)
+        return _run(run, on_step, should_stop, job.clip)
     try:
         # Waits for a run still held by a dying process (an orphaned worker saving its state).
         with runs.Lock(run.folder.lock, f"run {job.run_id}", wait=120):
-            return _run(run, on_step, should_stop)
+            return _run(run, on_step, should_stop, job.clip)
     except runs.Locked as e:
         return Outcome(job.run_id, "failed", run.folder, str(e))
 
 
-def _run(run: life.RunLife, on_step, should_stop) -> Outcome:
+def _run(run: life.RunLife, on_step, should_stop, clip=None) -> Outcome:
     from pipeline import framework
 
     framework.load()  # TensorFlow's start-up lines filtered, in whichever process runs this
@@ -77,6 +95,10 @@ def _run(run: life.RunLife, on_step, should_stop) -> Outcome:
 
     if run.completed():  # finished while we waited for the lock
         return Outcome(run.run_id, "skipped", run.folder, "already completed")
+    if run.cfg.video is not None:  # a clip: its frames in order, each a life of its own
+        from pipeline.video import clip as clips
+
+        return clips.run(run, clip, on_step, should_stop, _environment, _inputs)
 
     def record(step: optimize.Step) -> None:
         run.record(step)
@@ -98,7 +120,8 @@ def _inputs(cfg: config.Config) -> dict:
     """The run's images as stylize takes them: content, styles, an init image, masks."""
     background = tuple(cfg.background)
     return {
-        "content": images.load_image(cfg.content, background),
+        # A clip's frames are read one by one as it runs (video/clip.py).
+        "content": None if cfg.video else images.load_image(cfg.content, background),
         "styles": [images.load_image(p, background) for p in cfg.style],
         "init_image": (None if cfg.init in config.INIT_KINDS
                        else images.load_image(cfg.init, background)),

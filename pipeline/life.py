@@ -35,9 +35,12 @@ STATUS = {
 
 
 class RunLife:
-    def __init__(self, folder: runs.RunFolder, run_id: str, label: dict, cfg: config.Config):
+    def __init__(self, folder: runs.RunFolder, run_id: str, label: dict, cfg: config.Config,
+                 stages: list[scales.Stage] | None = None):
+        """`stages`: the run's, by default from cfg; a clip's frame has its own budget (and
+        its folder is a view of the clip's: video/clip.py)."""
         self.folder, self.run_id, self.label, self.cfg = folder, run_id, label, cfg
-        self.stages = scales.stages(cfg)
+        self.stages = stages or scales.stages(cfg)
         self.digest = config.config_hash(cfg)
         # Written into every PNG of the run: what made it.
         self.text = {"run_id": run_id, "config_hash": self.digest,

@@ -168,34 +168,52 @@ class Objective:
         network computes in (model.precision): Gram matrices and losses stay float32."""
         return [ops.cast(f, "float32") for f in self.extractor(preprocess(batch))]
 
-    def __call__(self, x):
-        """x: the generated image, (H, W, 3) pixels in 0..255, a backend tensor."""
+    @property
+    def inputs(self) -> dict:
+        """The targets as arrays, as __call__ takes them: what differs between two objectives
+        of one run's settings, network and shapes (a clip's frames: their content and
+        temporal targets; the style ones, which histogram colours change per frame). A
+        function compiled with them as arguments serves every such objective (autodiff.Shared)."""
+        out = {"content": dict(self.content_targets), "style": dict(self.style_targets)}
+        if self.regions is not None:
+            out["regions"] = [{n: target for n, (_, target) in layers.items()}
+                              for _, layers in self.regions]
+        if self.temporal is not None:
+            out["temporal"] = list(self.temporal[:2])
+        return out
+
+    def __call__(self, x, inputs=None):
+        """x: the generated image, (H, W, 3) pixels in 0..255, a backend tensor. `inputs`:
+        the targets to use (another objective's `inputs`, of the same structure and shapes);
+        None: this objective's own, constants."""
+        inputs = self.inputs if inputs is None else inputs
         maps = self._maps(x[None])
-        content = sum(w * self._content(maps[self.index[n]], n) for n, w in self.content_layers)
-        style = sum(w * self._style(maps[self.index[n]], n) for n, w in self.style_layers)
+        content = sum(w * self._content(maps[self.index[n]], n, inputs["content"][n])
+                      for n, w in self.content_layers)
+        style = sum(w * self._style(maps[self.index[n]], n, inputs)
+                    for n, w in self.style_layers)
         tv = total_variation(x)
         cw, sw, tw = self.weights
         total = cw * content + sw * style + tw * tv
         terms = {"content": content, "style": style, "tv": tv}
         if self.temporal is not None:
-            warped, weights, temporal_weight = self.temporal
+            warped, weights = inputs["temporal"]
             terms["temporal"] = temporal_loss(x, warped, weights)
-            total = total + temporal_weight * terms["temporal"]
+            total = total + self.temporal[2] * terms["temporal"]
         return total, terms
 
-    def _content(self, features, name):
+    def _content(self, features, name, target):
         if self.content_masks is None:
-            return content_loss(features, self.content_targets[name])
-        return masked_content_loss(features, self.content_targets[name],
-                                   self.content_masks[name])
+            return content_loss(features, target)
+        return masked_content_loss(features, target, self.content_masks[name])
 
-    def _style(self, features, name):
+    def _style(self, features, name, inputs):
         if self.regions is None:
-            return style_loss(gram(features), self.style_targets[name])
+            return style_loss(gram(features), inputs["style"][name])
         whole = None  # the ordinary Gram, computed once for all unmasked styles
         loss = 0.0
-        for b, layers in self.regions:
-            mask, target = layers[name]
+        for (b, layers), targets in zip(self.regions, inputs["regions"]):
+            mask, target = layers[name][0], targets[name]
             if mask is None:
                 whole = gram(features) if whole is None else whole
                 loss = loss + b * style_loss(whole, target)

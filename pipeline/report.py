@@ -1,7 +1,8 @@
 """An experiment, finished or under way, as something to look at over breakfast:
 `report.html` (one static page, images embedded, linked to each run's files),
 `contact_sheet.png` (results in a grid labelled with their swept values) and a `loss.png`
-curve in each run's folder."""
+curve in each run's folder. A clip shows a strip of its frames and links its result.mp4; its
+`flicker.png` plots each frame's warping error."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pipeline import images, runs
 
 THUMB = 192  # pixels, the long side of a result in the sheet and on the page
+STRIP = 6  # frames of a clip shown on its card, spread over the frames done
 
 
 def write_report(exp: Path) -> list[Path]:
@@ -25,8 +27,12 @@ def write_report(exp: Path) -> list[Path]:
         trace = row["folder"].read_trace()
         if trace:
             plot_losses(row["folder"], trace, row["run_id"])
-    # Each result decoded and scaled once, for both the sheet and the page.
-    thumbs = {row["run_id"]: _fit(row["result"], THUMB) for row in rows if row["result"]}
+        if row["frames_total"]:
+            plot_flicker(row["folder"], row["run_id"])
+    # Each result decoded and scaled once, for both the sheet and the page; a clip's is the
+    # middle one of its frames done.
+    thumbs = {row["run_id"]: _fit(picture, THUMB) for row in rows
+              if (picture := _picture(row))}
     sheet, sheet_png = exp / "contact_sheet.png", _png_bytes(contact_sheet(rows, keys, thumbs))
     images.atomic_write(sheet, sheet_png)
     page = exp / "report.html"
@@ -44,13 +50,15 @@ def plot_losses(folder: runs.RunFolder, trace: list[dict], title: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    steps = [row["iteration"] for row in trace]
-    for term in ("total", "content", "style", "tv"):
+    clip = "frame" in trace[0]  # each frame numbers its own iterations: the clip's in a row
+    steps = list(range(1, len(trace) + 1)) if clip else [row["iteration"] for row in trace]
+    for term in ("total", "content", "style", "tv", "temporal"):
         values = [row.get(term) for row in trace]
-        if all(v is not None and v > 0 for v in values):
-            ax.plot(steps, values, label=term, linewidth=2 if term == "total" else 1)
+        if any(v is not None for v in values) and all(v is None or v > 0 for v in values):
+            ax.plot(steps, [float("nan") if v is None else v for v in values], label=term,
+                    linewidth=2 if term == "total" else 1)
     ax.set_yscale("log")
-    ax.set_xlabel("iteration")
+    ax.set_xlabel("iteration, frame after frame" if clip else "iteration")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -61,6 +69,48 @@ def plot_losses(folder: runs.RunFolder, trace: list[dict], title: str) -> Path:
     path = folder.path / "loss.png"
     images.atomic_write(path, buffer.getvalue())
     return path
+
+
+def plot_flicker(folder: runs.RunFolder, title: str) -> Path | None:
+    """A clip's flicker: each frame's warping error against the frame before (metrics.json),
+    in grey levels over the pixels the flow can be trusted at."""
+    frames = [f for f in (folder.read_metrics() or {}).get("frames", [])
+              if f.get("warping_error") is not None]
+    if not frames:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(5, 2.6), dpi=100)
+    ax.plot([f["frame"] for f in frames], [f["warping_error"] for f in frames], marker=".")
+    ax.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("frame")
+    ax.set_ylabel("warping error (grey levels)")
+    ax.set_title(f"{title}: flicker", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    path = folder.path / "flicker.png"
+    images.atomic_write(path, buffer.getvalue())
+    return path
+
+
+def _frames_done(row: dict) -> list[Path]:
+    return row["folder"].saved_frames()[:row["frames_done"]]
+
+
+def _picture(row: dict):
+    """The image that stands for a run: its result.png, or a clip's middle frame done."""
+    if row["frames_total"]:
+        done = _frames_done(row)
+        return done[len(done) // 2] if done else None
+    return row["result"] or None
 
 
 # --------------------------------------------------------------------------- contact sheet
@@ -157,22 +207,46 @@ h1 { font-size: 20px; } h2 { font-size: 16px; margin-top: 28px; }
 .pending, .running, .interrupted { border-color: #e9a23b; }
 table { border-collapse: collapse; } td { padding: 1px 8px 1px 0; }
 .muted { color: #777; } .sheet { max-width: 100%; }
+.strip { display: flex; gap: 2px; margin-bottom: 6px; } .strip img { width: 40px; margin: 0; }
 """
+
+
+def _strip(row: dict, rel: Path) -> str:
+    """A clip's frames done, STRIP of them spread evenly, each linked to its file."""
+    done = _frames_done(row)
+    if not done:
+        return ""
+    shown = min(STRIP, len(done))
+    chosen = [done[round(i * (len(done) - 1) / max(1, shown - 1))] for i in range(shown)]
+    cells = "".join(
+        f'<a href="{html.escape(str(rel / "frames" / p.name))}" title="{p.stem}">'
+        f'<img alt="frame {p.stem}" src="{_data_uri(_png_bytes(_fit(p, THUMB // 2)))}"></a>'
+        for p in chosen)
+    return f'<div class="strip">{cells}</div>'
 
 
 def _card(row: dict, keys: list[str], thumb: Image.Image | None) -> str:
     e = html.escape
     rel = Path(row["folder"].path.name)
-    picture = (f'<a href="{e(str(rel / "result.png"))}"><img alt="result" '
+    clip = bool(row["frames_total"])
+    target = rel / ("result.mp4" if clip else "result.png")
+    picture = (f'<a href="{e(str(target))}"><img alt="result" '
                f'src="{_data_uri(_png_bytes(thumb))}"></a>' if thumb is not None else "")
+    if clip:
+        picture += _strip(row, rel)
     values = "".join(f"<tr><td>{e(_leaf(k))}</td><td>{e(_value(row, k))}</td></tr>"
                      for k in keys)
     losses = "".join(f"<tr><td>{term}</td><td>{row[term]:.4g}</td></tr>"
                      for term in ("total", "content", "style", "tv") if row[term] is not None)
     links = " · ".join(f'<a href="{e(str(rel / name))}">{name}</a>'
-                       for name in ("loss.png", "metrics.json", "trace.jsonl", "config.yaml")
+                       for name in ("result.mp4", "loss.png", "flicker.png", "metrics.json",
+                                    "trace.jsonl", "config.yaml")
                        if (row["folder"].path / name).exists())
     seconds = f", {row['seconds']:.0f} s" if row["seconds"] else ""
+    if clip:
+        flicker = (row["folder"].read_metrics() or {}).get("warping_error")
+        seconds += f", frames {row['frames_done']}/{row['frames_total']}" + (
+            f", warping error {flicker:.3g}" if flicker is not None else "")
     error = f"<div>{e(row['error'])}</div>" if row["error"] else ""
     return (f'<div class="card {e(row["status"])}">{picture}<table>{values}{losses}</table>'
             f'<div class="muted">{e(row["run_id"])}<br>{e(row["status"])}, '

@@ -26,6 +26,8 @@ class RunFolder:
     def __init__(self, path):
         self.path = Path(path)
         self.result = self.path / "result.png"
+        self.video = self.path / "result.mp4"  # a clip's result, assembled from frames/
+        self.frames = self.path / "frames"  # a clip's frames, 000001.png, ... (video/clip.py)
         self.config = self.path / "config.yaml"
         self.metrics = self.path / "metrics.json"
         self.trace = self.path / "trace.jsonl"
@@ -58,6 +60,14 @@ class RunFolder:
             except json.JSONDecodeError:
                 break  # a line torn by a kill: it and anything after it is not trusted
         return rows
+
+    def frame(self, position: int) -> Path:
+        """Where a clip's frame `position` (1, 2, ... in the clip's order) is saved."""
+        return self.frames / f"{position:06d}.png"
+
+    def saved_frames(self) -> list[Path]:
+        """A clip's frames saved so far, in order (the last may be one under way)."""
+        return sorted(self.frames.glob("[0-9]*.png"))
 
     def load_state(self) -> dict | None:
         """The latest checkpoint's state, or None: a dict of its named arrays, at least
@@ -251,6 +261,7 @@ def experiment_rows(exp_dir: Path) -> list[dict]:
         status = metrics.get("status", "pending")
         if status == "running" and holder_of(folder.lock) is None:
             status = "killed"
+        result = next((p for p in (folder.video, folder.result) if p.exists()), "")
         rows.append({
             "run_id": run_id,
             "status": status,
@@ -262,9 +273,12 @@ def experiment_rows(exp_dir: Path) -> list[dict]:
             "iterations": metrics.get("iterations", 0),
             "planned_iterations": job.get("iterations"),
             "seconds": metrics.get("seconds"),
-            "result": str(folder.result) if folder.result.exists() else "",
+            "result": str(result),  # a clip's is result.mp4, once its last frame is done
             "error": metrics.get("error", ""),
             "folder": folder,
+            # A clip's frames: done and in all (None for an image run).
+            "frames_done": metrics.get("frames_done", 0),
+            "frames_total": metrics.get("frames_total", job.get("frames")),
         })
     return rows
 
@@ -307,6 +321,9 @@ def progress_of(row: dict) -> int:
     does not."""
     if row["status"] == "running":
         trace = row["folder"].read_trace()
+        if trace and "frame" in trace[-1]:  # a clip: each frame numbers its own iterations
+            last = {r["frame"]: r["iteration"] for r in trace}
+            return max(row["iterations"], sum(last.values()))
         if trace:
             return max(row["iterations"], trace[-1]["iteration"])
     return row["iterations"]

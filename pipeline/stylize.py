@@ -59,7 +59,10 @@ def color_inputs(cfg: Config, content, styles):
 
 def initial_image(cfg: Config, content, styles, init_image=None) -> np.ndarray:
     """The starting pixels: the content, seeded noise of its shape, the first style or an
-    init image (these two at their own size: start_image scales them to the content's)."""
+    init image (these two at their own size: start_image scales them to the content's). An
+    init image given is the start whatever `init` says (a video frame's previous frame)."""
+    if init_image is not None:
+        return init_image
     if cfg.init == "content":
         return content.copy()
     if cfg.init == "noise":
@@ -89,8 +92,12 @@ class GreyObjective:
     def __init__(self, objective: Objective):
         self.objective, self.terms = objective, objective.terms
 
-    def __call__(self, y):
-        return self.objective(ops.repeat(y, 3, axis=-1))
+    @property
+    def inputs(self) -> dict:
+        return self.objective.inputs
+
+    def __call__(self, y, inputs=None):
+        return self.objective(ops.repeat(y, 3, axis=-1), inputs)
 
 
 class GreyValueAndGrad:
@@ -108,14 +115,15 @@ class GreyValueAndGrad:
 
 
 def stage_objective(cfg: Config, network, content, styles, size: int, style_masks=None,
-                    content_mask=None):
+                    content_mask=None, temporal=None):
     """The objective at one stage's size: content and styles scaled to it (each style to
     style_scale times it), checked against the deepest layer, coloured as `preserve_colors`
     asks, masks resized to the content's shape; its targets computed once, here, tile by tile
     where geometry.stage_core says (a TiledValueAndGrad, computed on the host). Returns it,
     the content and styles as its targets saw them, and the content at that size in its own
     colours (luminance mode restores them into the result). `network` is
-    model.feature_extractor's (extractor, layer names, weights)."""
+    model.feature_extractor's (extractor, layer names, weights); `temporal`, a video frame's
+    (warped, weights, temporal_weight) at the content's shape (losses.Objective)."""
     extractor, layer_names, _ = network
     original, styles = prepare(cfg, content, styles, size)
     shape = original.shape[:2]
@@ -128,11 +136,13 @@ def stage_objective(cfg: Config, network, content, styles, size: int, style_mask
     core = stage_core(cfg, shape)  # a size from `tile` that cuts this stage: tile by tile
     if core is not None:
         objective = TiledValueAndGrad(extractor, layer_names, cfg, content, styles, core,
-                                      style_masks=style_masks, content_mask=content_mask)
+                                      style_masks=style_masks, content_mask=content_mask,
+                                      temporal=temporal)
         grey = GreyValueAndGrad
     else:
         objective = Objective(extractor, layer_names, cfg, content, styles,
-                              style_masks=style_masks, content_mask=content_mask)
+                              style_masks=style_masks, content_mask=content_mask,
+                              temporal=temporal)
         grey = GreyObjective
     if cfg.preserve_colors == "luminance":
         objective = grey(objective)
@@ -170,6 +180,9 @@ def stylize(
     start: scales.Start | None = None,
     style_masks: list[np.ndarray | None] | None = None,
     content_mask: np.ndarray | None = None,
+    network=None,
+    temporal=None,
+    shared=None,
 ) -> tuple[optimize.Result, str]:
     """Optimise an image for `cfg`. Images are RGB float arrays in 0..255, any size; masks
     are (H, W) arrays in 0..1 at any size (each is resized to the generated image's shape).
@@ -181,15 +194,19 @@ def stylize(
     carry the run's first loss (`initial`). Returns the last stage's Result, with the run's
     initial loss (None when a resumed checkpoint did not keep it), and a description of the
     weights that were loaded.
+
+    A clip's frames share one `network` (model.feature_extractor's; None: built here) and
+    its compiled functions (`shared`, an autodiff.Shared), and each adds its `temporal` term
+    (see stage_objective).
     """
     keras.utils.set_random_seed(cfg.seed)
-    network = model.feature_extractor(cfg.model, cfg.seed)
+    network = network or model.feature_extractor(cfg.model, cfg.seed)
     plan = scales.stages(cfg)
     start = start or scales.Start()
     done, initial = start.done, start.initial
     for stage in plan[start.stage - 1:]:
         objective, content_s, styles_s, original = stage_objective(
-            cfg, network, content, styles, stage.size, style_masks, content_mask)
+            cfg, network, content, styles, stage.size, style_masks, content_mask, temporal)
         x0 = start_image(cfg, start, stage, content_s, styles_s, init_image)
         resumed_here = start.inside and stage.index == start.stage
         first = start.image is None and stage is plan[0]  # its first loss is the run's
@@ -205,7 +222,8 @@ def stylize(
 
         result = optimize.solve(cfg.optimizer, objective, network[0].variables, x0,
                                 stage.last, stage_step, should_stop, done,
-                                start.state if resumed_here else None, cfg.checkpoint_every)
+                                start.state if resumed_here else None, cfg.checkpoint_every,
+                                shared)
         if first and initial is None:  # no iteration ran (a non-finite start, a stop)
             initial = result.initial
         if result.reason not in _STAGE_DONE or stage is plan[-1]:

@@ -74,13 +74,13 @@ def _should_stop() -> bool:
 def _work(job):
     # Imported here, not at the top: numpy's BLAS reads its thread count when it loads, and a
     # worker imports this module before _init has capped it.
-    from pipeline import jobs, scales
+    from pipeline import jobs
     from pipeline.progress import Progress
 
     with _busy:
         if _should_stop():  # queued before the stop; not started, so nothing to save
             return None
-        progress = Progress(job.run_id, scales.total_iterations(job.cfg), job.cfg.log_every,
+        progress = Progress(job.run_id, jobs.total_iterations(job), job.cfg.log_every,
                             bar=False)
         return jobs.run_one(job, progress, _should_stop)
 

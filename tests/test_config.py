@@ -585,6 +585,9 @@ def inputs(tmp_path):
         ("mask_b", (0, 0, 0)), ("init", (5, 5, 5)))}
     files["weights"] = tmp_path / "vgg19.weights.h5"  # the hash reads bytes, not HDF5
     files["weights"].write_bytes(b"\x01" * 100)
+    for n in (1, 2):  # a clip of two frames
+        png(tmp_path / "frames" / f"{n}.png", (n, 100, 100), (40, 40))
+    files["frames"] = tmp_path / "frames" / "*.png"
     return {name: str(path) for name, path in files.items()}
 
 
@@ -594,6 +597,7 @@ def hash_of(raw: dict) -> str:
 
 # Keys whose other valid values cannot be derived from their type alone: (settings both
 # configs share, the other value). Each changes the pixels of BASE below.
+CLIP = {"content": "{frames}", "video": {}}  # the video keys' base: a clip
 OTHER_VALUES = {
     "content": ({}, "{content2}"),
     "style": ({}, ["{style}", "{style3}"]),
@@ -613,11 +617,20 @@ OTHER_VALUES = {
     "optimizer.history": ({}, 5),  # scipy's default is 10
     # The method alone: its default history (scipy 10, lbfgs 30) would change the hash too.
     "optimizer.method": ({"optimizer": {"history": 10}}, "lbfgs"),
+    # A clip of two frames: each selection takes other frames.
+    "video.frames.stop": (CLIP, 1),
+    "video.frames.start": (CLIP, 1),
+    "video.frames.step": (CLIP, 2),
+    "video.long_term": (CLIP, [1, 2]),
+    "video.consistency": (CLIP, False),
+    "video.first_iterations": (CLIP, 7),  # None: twice optimizer.iterations
+    "video.temporal_weight": (CLIP, 1.0),
 }
 CHOICES = {"model.network": config.NETWORKS, "model.pooling": config.POOLINGS,
            "model.precision": config.PRECISIONS, "optimizer.method": config.METHODS,
            "preserve_colors": config.COLOR_MODES, "init": config.INIT_KINDS,
-           "model.weights": config.WEIGHT_KINDS}
+           "model.weights": config.WEIGHT_KINDS, "video.init": config.VIDEO_INITS,
+           "video.flow": config.FLOW_METHODS}
 
 
 def other_value(key, value):
@@ -651,6 +664,8 @@ def test_every_key_that_decides_the_pixels_changes_the_hash(inputs):
         if key in config.UNHASHED_KEYS:
             continue
         shared, _ = OTHER_VALUES.get(key, ({}, None))
+        if key.startswith("video."):  # a clip: the video section, a content of frames
+            shared = {**CLIP, **shared, "content": filled(CLIP["content"])}
         before = config.to_dict(config.from_dict({**base, **shared}))
         value = filled(other_value(key, config.get_dotted(before, key)))
         assert value != config.get_dotted(before, key), key
@@ -658,7 +673,7 @@ def test_every_key_that_decides_the_pixels_changes_the_hash(inputs):
         config.set_dotted(after, key, value)
         assert hash_of(after) != hash_of(before), f"{key}: {value!r} leaves the hash as it was"
         walked.append(key)
-    assert len(walked) == len(config.dotted_keys()) - len(config.UNHASHED_KEYS) >= 29
+    assert len(walked) == len(config.dotted_keys()) - len(config.UNHASHED_KEYS) >= 38
 
 
 @pytest.mark.parametrize("key, name", [

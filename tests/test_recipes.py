@@ -17,7 +17,7 @@ from conftest import ROOT, write_image
 from keras import ops
 
 from pipeline import autodiff, batch, config, images, model
-from pipeline.losses import Objective, total_variation
+from pipeline.losses import Objective, temporal_loss, total_variation
 
 RECIPES = sorted((ROOT / "configs" / "recipes").glob("*.yaml"))
 PAPER_STYLE = [f"block{b}_conv1" for b in range(1, 6)]
@@ -25,11 +25,18 @@ MEAN_BGR = np.array(model.IMAGENET_MEAN_BGR)
 
 
 def recipe(tmp_path, name, **extra):
-    """A user's config: the recipe as its base, plus content and style (and `extra`)."""
+    """A user's config: the recipe as its base, plus content and style (and `extra`); the
+    content is a clip of two frames for a recipe with a `video:` section."""
     write_image(tmp_path / "content.png", (40, 48), seed=1)
     write_image(tmp_path / "style.png", (32, 32), seed=2)
-    data = {"base": str(ROOT / "configs" / "recipes" / f"{name}.yaml"),
-            "content": "content.png", "style": "style.png", **extra}
+    base = ROOT / "configs" / "recipes" / f"{name}.yaml"
+    content = "content.png"
+    if "video" in yaml.safe_load(base.read_text()):
+        (tmp_path / "clip").mkdir(exist_ok=True)
+        for n in (1, 2):
+            write_image(tmp_path / "clip" / f"{n}.png", (40, 48), seed=n)
+        content = "clip/*.png"
+    data = {"base": str(base), "content": content, "style": "style.png", **extra}
     path = tmp_path / f"{name}-user.yaml"
     path.write_text(yaml.safe_dump(data))
     return config.load(path)
@@ -280,13 +287,43 @@ def test_every_recipe_validates_and_runs(tmp_path, path):
     weights, 2 iterations) to a completed run folder."""
     cfg = recipe(tmp_path, path.stem, size=32, output_dir="out", checkpoint_every=0,
                  model={"weights": "random"}, optimizer={"iterations": 2})
+    if cfg.video:
+        cfg.video.first_iterations = 2
     (job,) = batch.plan(cfg)
     outcome = batch.run_one(job)
     assert outcome.status == "completed", outcome.message
-    assert images.load_image(outcome.folder.result).shape == (27, 32, 3)
+    results = outcome.folder.saved_frames() if cfg.video else [outcome.folder.result]
+    assert [images.load_image(p).shape for p in results] == [(27, 32, 3)] * len(results)
+    assert len(results) == (2 if cfg.video else 1)
     assert Path(outcome.folder.config).is_file()
 
 
 def test_recipes_are_found():
     assert {p.stem for p in RECIPES} >= {"neural-style", "keras-io", "tf-tutorial",
-                                         "fastai-vgg16"}
+                                         "fastai-vgg16", "artistic-videos"}
+
+
+# --------------------------------------------------------------------------- artistic-videos
+
+
+def test_artistic_videos_recipe(tmp_path):
+    """artistic_video.lua: neural-style's image terms (content 5, style 100, TV 1e-3, here at a
+    450 px square frame), and its temporal term, WeightedContentLoss(1e3) on the preprocessed
+    pixels, against ours times the recipe's temporal_weight; lbfgs with 100 corrections,
+    2000 iterations for the first frame and 1000 for the others."""
+    cfg = recipe(tmp_path, "artistic-videos")
+    ns = recipe(tmp_path, "neural-style")
+    assert (cfg.model, cfg.loss.content_weight, cfg.loss.style_weight) == (
+        ns.model, ns.loss.content_weight, ns.loss.style_weight)
+    assert cfg.loss.tv_weight == pytest.approx(1e-3 / 2 * (256 / 255) ** 2 * 3 * 450 * 449,
+                                               rel=1e-5)
+    rng = np.random.default_rng(3)
+    x, w = rng.uniform(0, 255, (2, 6, 5, 3))
+    c = rng.uniform(size=(6, 5))
+    root = np.sqrt(c)[None]  # WeightedContentLoss: sqrt(c) times input and target, then MSE
+    his = 1e3 * np.mean((ns_preprocess(x) * root - ns_preprocess(w) * root) ** 2)
+    ours = float(temporal_loss(x.astype("float32"), w.astype("float32"), c.astype("float32")))
+    assert cfg.video.temporal_weight * ours == pytest.approx(his, rel=1e-5)
+    assert (cfg.optimizer.method, config.history(cfg.optimizer), cfg.optimizer.iterations,
+            cfg.video.first_iterations, cfg.video.init, cfg.video.long_term) == (
+        "lbfgs", 100, 1000, 2000, "prev_warped", [1])

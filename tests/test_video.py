@@ -17,6 +17,7 @@ from PIL import Image
 from pipeline import autodiff, config, model
 from pipeline.images import ImageError
 from pipeline.losses import Objective, temporal_loss
+from pipeline.stylize import stylize
 from pipeline.video import consistency, flow, frames, temporal
 from pipeline.video.frames import ClipError
 
@@ -560,3 +561,39 @@ def test_warping_error_follows_the_motion():
     weights[:, :3] = 0  # came from outside
     assert temporal.warping_error(current, previous, backward, weights) < 1e-3
     assert temporal.warping_error(current, previous, np.zeros_like(backward), weights) > 10
+
+
+@pytest.mark.parametrize("method", ["scipy", "lbfgs"])
+def test_frames_sharing_compiled_functions_equal_frames_compiled_each_alone(method):
+    """A clip's frames share their compiled value-and-gradient and device loop, each frame's
+    targets passed as arguments (autodiff.Shared). Three frames (the first without the
+    temporal term, two with it, each with its own content and warped previous frame) come
+    out bit for bit as when each frame compiles its own functions with its targets as
+    constants; the two later frames compiled one function (per kind) between them."""
+    cfg = config.Config(content="c.png", style=["s.png"], size=24, seed=3)
+    cfg.model = dataclasses.replace(cfg.model, weights="random",
+                                    content_layers=["block2_conv1"],
+                                    style_layers=["block1_conv1", "block2_conv1"])
+    cfg.optimizer = dataclasses.replace(cfg.optimizer, method=method, iterations=6)
+    network = model.feature_extractor(cfg.model, cfg.seed)
+    rng = np.random.default_rng(12)
+    style = rng.uniform(0, 255, (24, 24, 3)).astype(np.float32)
+    frames_ = [rng.uniform(0, 255, (18, 24, 3)).astype(np.float32) for _ in range(3)]
+    temporals = [None] + [(rng.uniform(0, 255, (18, 24, 3)).astype(np.float32),
+                           (rng.uniform(size=(18, 24)) > 0.3).astype(np.float32), 50.0)
+                          for _ in range(2)]
+    shared = autodiff.Shared()
+
+    def frame(k, shared):
+        result, _ = stylize(cfg, frames_[k], [style], network=network, temporal=temporals[k],
+                            shared=shared)
+        return result.image
+
+    alone = [frame(k, None) for k in range(3)]
+    together = [frame(k, shared) for k in range(3)]
+    for k in range(3):
+        assert np.array_equal(alone[k], together[k]), f"frame {k + 1} differs"
+    # Frames 2 and 3 differ from each other (their targets were theirs, not frame 2's).
+    assert not np.array_equal(together[1], together[2])
+    kinds = 1 if method == "scipy" else 2  # the value-and-gradient; with lbfgs also the loop
+    assert len(shared.compiled) == 2 * kinds  # frame 1's, and one for frames 2 and 3

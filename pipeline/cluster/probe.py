@@ -103,7 +103,9 @@ def probe_node(exp: str, token: str, inputs: list[str]) -> dict:
 def input_files(cfg: config.Config) -> list[str]:
     """The files a run reads, which every node must see at the same path: the images, the
     masks, an init image and a weights file."""
-    paths = [cfg.content, *cfg.style, *(m for m in cfg.style_masks or [] if m is not None)]
+    # A clip of frame files: each frame it takes (a video file is one file, as an image is).
+    contents = config.clip_files(cfg) or [cfg.content]
+    paths = [*contents, *cfg.style, *(m for m in cfg.style_masks or [] if m is not None)]
     if cfg.content_mask is not None:
         paths.append(cfg.content_mask)
     if cfg.init not in config.INIT_KINDS:

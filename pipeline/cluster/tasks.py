@@ -7,7 +7,7 @@ import logging
 import socket
 import sys
 
-from pipeline import jobs, scales
+from pipeline import jobs
 
 log = logging.getLogger("pipeline")
 
@@ -31,8 +31,7 @@ def run_task(job: jobs.Planned, flag, lock: bool) -> jobs.Outcome | None:
     if not folder.path.parent.is_dir():  # a node that joined after the probe
         return jobs.Outcome(job.run_id, "failed", folder, f"{folder.path.parent} is not "
                             f"visible on node {socket.gethostname()}: output_dir must be shared")
-    # Iterations are numbered across the stages of coarse to fine (scales.py): the total is
-    # theirs, as in the local executors' progress.
-    progress = Progress(job.run_id, scales.total_iterations(job.cfg), job.cfg.log_every,
-                        bar=False)
+    # Iterations are numbered across the stages of coarse to fine (scales.py), or a clip's
+    # frames: the total is theirs, as in the local executors' progress.
+    progress = Progress(job.run_id, jobs.total_iterations(job), job.cfg.log_every, bar=False)
     return jobs.run_one(job, progress, stopped.done, lock=lock)

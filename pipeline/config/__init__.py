@@ -9,15 +9,30 @@
 `from pipeline import config` gives the names other rooms use.
 """
 
-from pipeline.config.checks import check_stage_sizes, from_dict
+from pipeline.config.checks import check_stage_sizes, from_dict, is_video_file
 from pipeline.config.files import apply_override, load, load_raw, parse_yaml
-from pipeline.config.paths import expand_glob, expand_path, is_glob
-from pipeline.config.plan import config_hash, expand, run_id, slug, to_dict, to_yaml
+from pipeline.config.paths import (
+    expand_glob,
+    expand_path,
+    is_glob,
+    natural_key,
+    sequence_files,
+)
+from pipeline.config.plan import (
+    clip_files,
+    config_hash,
+    expand,
+    run_id,
+    slug,
+    to_dict,
+    to_yaml,
+)
 from pipeline.config.schema import (
     BLOCK_CHANNELS,
     BLOCK_CONVS,
     COLOR_MODES,
     DEFAULT_HISTORY,
+    FLOW_METHODS,
     INIT_KINDS,
     MAX_SIZE,
     METHODS,
@@ -28,21 +43,27 @@ from pipeline.config.schema import (
     TILE_MODES,
     UNHASHED_KEYS,
     VGG19_CONV_LAYERS,
+    VIDEO_EXTENSIONS,
+    VIDEO_INITS,
     WEIGHT_KINDS,
     Config,
     ConfigError,
+    FramesConfig,
     LossConfig,
     ModelConfig,
     OptimizerConfig,
+    VideoConfig,
     conv_layers,
     deepest_block,
     dotted_keys,
+    first_iterations,
     get_dotted,
     history,
     layer_channels,
     long_side_shape,
     nearest_multiple,
     normalised,
+    section,
     set_dotted,
     style_list,
     style_size,

@@ -16,6 +16,7 @@ import warnings
 from pipeline.config.paths import expand_glob, is_glob
 from pipeline.config.schema import (
     COLOR_MODES,
+    FLOW_METHODS,
     INIT_KINDS,
     MAX_SIZE,
     METHODS,
@@ -23,6 +24,8 @@ from pipeline.config.schema import (
     POOLINGS,
     PRECISIONS,
     TILE_MODES,
+    VIDEO_EXTENSIONS,
+    VIDEO_INITS,
     WEIGHT_KINDS,
     Config,
     ConfigError,
@@ -31,6 +34,7 @@ from pipeline.config.schema import (
     dotted_keys,
     long_side_shape,
     nearest_multiple,
+    section,
     style_list,
     style_size,
     tile_stride,
@@ -102,10 +106,13 @@ def _build(cls, raw: dict, prefix: str):
     kwargs = {}
     for name, value in raw.items():
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
+        inner = section(hint)
+        if inner is not None:
+            if value is None and inner is not hint:  # `video:` alone: the section's defaults
+                value = {}
             if not isinstance(value, dict):
                 raise ConfigError(f"{prefix}{name}: expected a mapping, got {_describe(value)}")
-            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+            kwargs[name] = _build(inner, value, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(value, hint, prefix + name)
     return cls(**kwargs)
@@ -200,8 +207,9 @@ def _check(cfg: Config) -> None:
         for p in paths:
             if is_glob(p):
                 expand_glob(p, key)  # a glob must match something: an error names the key
-            else:
+            elif not (key == "content" and cfg.video is not None and os.path.isdir(p)):
                 need(os.path.isfile(p), key, f"file not found: {p}")
+    _check_video(cfg)
     if cfg.init not in INIT_KINDS:
         need(os.path.isfile(cfg.init), "init", f"'{cfg.init}' is neither one of "
              f"{', '.join(INIT_KINDS)} nor an existing image file")
@@ -221,6 +229,52 @@ def _check(cfg: Config) -> None:
              "cannot be swept: the runs of one config share one experiment folder")
         need(isinstance(values, list) and len(values) > 0, f"sweep.{key}",
              "must be a non-empty list of values")
+
+
+def is_video_file(path: str) -> bool:
+    """A file name that ffmpeg reads as a clip (by its extension)."""
+    return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS
+
+
+def _check_video(cfg: Config) -> None:
+    """The `video:` section's values, and a content that is a clip exactly when there is one.
+    Whether the clip itself can be read is the plan's to find out (pipeline/video/plan.py)."""
+    video, content = cfg.video, cfg.content
+    if video is None:
+        # A GIF without the section is an image, as before (Pillow reads its first frame).
+        if is_video_file(content) and not content.lower().endswith(".gif"):
+            raise ConfigError(f"content: {content} is a video: add a `video:` section to "
+                              "stylise it frame by frame (`video: {}` takes the defaults)")
+        return
+
+    def need(ok: bool, key: str, message: str):
+        if not ok:
+            raise ConfigError(f"video.{key}: {message}")
+
+    if not (is_glob(content) or os.path.isdir(content) or is_video_file(content)):
+        raise ConfigError(f"video: {content} is a single image; a clip is a video file "
+                          f"({', '.join(e[1:] for e in VIDEO_EXTENSIONS[:5])}, ...), a folder "
+                          "or a glob of frame images (frames/*.png)")
+    frames = video.frames
+    need(frames.start >= 0, "frames.start", "must be 0 (the first frame) or more")
+    need(frames.stop is None or frames.stop > frames.start, "frames.stop",
+         f"must be more than frames.start ({frames.start}), or null for the end")
+    need(frames.step >= 1, "frames.step", "must be at least 1")
+    need(video.fps is None or video.fps > 0, "fps", "must be a positive number, or null")
+    need(video.init in VIDEO_INITS, "init", f"must be one of {', '.join(VIDEO_INITS)}")
+    need(video.temporal_weight >= 0, "temporal_weight", "must not be negative")
+    need(video.first_iterations is None or video.first_iterations >= 1, "first_iterations",
+         "must be at least 1")
+    need(video.flow in FLOW_METHODS, "flow", f"must be one of {', '.join(FLOW_METHODS)}")
+    long_term = video.long_term
+    need(bool(long_term) and all(d >= 1 for d in long_term)
+         and all(a < b for a, b in zip(long_term, long_term[1:])), "long_term",
+         f"frame distances, growing from the closest, e.g. [1] or [1, 2, 4]; got {long_term}")
+    # Each later frame starts from the previous one at full size: there is no coarse stage
+    # for it to start from, and a first frame alone in stages would be numbered apart.
+    if cfg.scales:
+        raise ConfigError("scales: not with `video:` (each frame after the first starts "
+                          "from the previous one at full size)")
 
 
 def _check_weights(weights, count: int, key: str, what: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob as globlib
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 from pipeline.config.schema import INIT_KINDS, PATH_KEYS, WEIGHT_KINDS, ConfigError
@@ -72,3 +73,18 @@ def expand_glob(pattern: str, key: str) -> list[str]:
     if not matches:
         raise ConfigError(f"{key}: no file matches '{pattern}'")
     return matches
+
+
+def natural_key(path: str):
+    """frame9.png before frame10.png, as a numbered sequence means; zero-padded names sort
+    the same either way."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part)
+            for part in re.split(r"(\d+)", path)]
+
+
+def sequence_files(source: str) -> list[str]:
+    """The frames of a frame sequence in order: the files a glob matches, or every file in a
+    folder, sorted naturally (a clip's frames, its run id and its probe all use this)."""
+    pattern = os.path.join(source, "*") if os.path.isdir(source) else source
+    return sorted((f for f in globlib.glob(os.path.expanduser(pattern), recursive=True)
+                   if os.path.isfile(f)), key=natural_key)

@@ -13,15 +13,17 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config.checks import check_stage_sizes, from_dict
-from pipeline.config.paths import expand_glob
+from pipeline.config.checks import check_stage_sizes, from_dict, is_video_file
+from pipeline.config.paths import expand_glob, is_glob, sequence_files
 from pipeline.config.schema import (
     INIT_KINDS,
     PATH_KEYS,
     UNHASHED_KEYS,
     WEIGHT_KINDS,
     Config,
+    ConfigError,
     OptimizerConfig,
+    first_iterations,
     history,
     normalised,
     set_dotted,
@@ -35,7 +37,8 @@ def expand(cfg: Config) -> list[tuple[dict, Config]]:
     distinguish it: the cartesian product of the sweep (keys sorted, so their order in the
     file does not matter), then each content match with each style match. A `style` given as
     one string makes one run per file its glob matches; the matches of a list of styles (globs
-    included) are blended in one run.
+    included) are blended in one run. With `video:`, a content glob of images is one clip (a
+    frame sequence), and a glob of video files one clip per file.
     """
     base = to_dict(cfg)
     base["sweep"] = {}
@@ -46,7 +49,7 @@ def expand(cfg: Config) -> list[tuple[dict, Config]]:
         for key, value in zip(keys, values):
             set_dotted(raw, key, value)
         swept = dict(zip(keys, values))
-        contents = expand_glob(raw["content"], "content")
+        contents = _contents(raw["content"], raw.get("video") is not None)
         if isinstance(raw["style"], str):
             style_sets = [[s] for s in expand_glob(raw["style"], "style")]
         else:
@@ -66,8 +69,29 @@ def expand(cfg: Config) -> list[tuple[dict, Config]]:
     return runs
 
 
+def _contents(content: str, clip: bool) -> list[str]:
+    """The content of each run: every match of a glob; for clips, the glob itself (one frame
+    sequence) unless it matches video files, each a clip."""
+    if not clip:
+        return expand_glob(content, "content")
+    if not is_glob(content):
+        return [content]
+    matches = expand_glob(content, "content")
+    videos = [m for m in matches if is_video_file(m)]
+    if videos and len(videos) < len(matches):
+        raise ConfigError(f"content: '{content}' matches video files and other files; with "
+                          "`video:` a glob is either one clip of frame images or a set of "
+                          "video files, each a clip")
+    return videos or [content]
+
+
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data; without a `video:` section, no `video` key, so that an image
+    run's config.yaml and run id are what they were before clips existed."""
+    data = dataclasses.asdict(cfg)
+    if data.get("video", ...) is None:
+        del data["video"]
+    return data
 
 
 def to_yaml(data: dict) -> str:
@@ -91,6 +115,30 @@ def _file_digest(path: str) -> str:
     return _DIGESTS[key]
 
 
+def clip_files(cfg: Config) -> list[str] | None:
+    """A frame sequence's selected frame files, in order (video.frames taken as a slice);
+    None for a video file, whose frames are inside it."""
+    if cfg.video is None or not (is_glob(cfg.content) or os.path.isdir(cfg.content)):
+        return None
+    frames = cfg.video.frames
+    return sequence_files(cfg.content)[frames.start:frames.stop:frames.step]
+
+
+def _clip_digest(cfg: Config, data: dict) -> str:
+    """A clip by its frames' bytes: a video file's, or each selected frame file's (then the
+    selection is in the files, and its spelling counts for nothing)."""
+    video = data["video"]
+    video["first_iterations"] = first_iterations(cfg.video, cfg.optimizer)
+    files = clip_files(cfg)
+    if files is None:
+        return _file_digest(cfg.content)
+    video.pop("frames")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(_file_digest(path).encode())
+    return digest.hexdigest()
+
+
 def config_hash(cfg: Config) -> str:
     """A short hash of everything that decides the result's pixels.
 
@@ -99,8 +147,14 @@ def config_hash(cfg: Config) -> str:
     """
     data = to_dict(cfg)
     for key in UNHASHED_KEYS:
-        data.pop(key)
-    data["content"] = _file_digest(cfg.content)
+        head, _, leaf = key.rpartition(".")
+        holder = data.get(head) if head else data  # `video` is there only for a clip
+        if holder is not None:
+            holder.pop(leaf)
+    if cfg.video is None:
+        data["content"] = _file_digest(cfg.content)
+    else:
+        data["content"] = _clip_digest(cfg, data)
     data["style"] = [_file_digest(s) for s in style_list(cfg.style)]
     # What a None means has changed once (equal, then 1/C_l^2): hash what it means now.
     data["model"]["style_layer_weights"] = style_weights(cfg.model)
@@ -140,6 +194,14 @@ def _as_the_default_spelling(data: dict, cfg: Config) -> None:
         data["optimizer"]["history"] = history(OptimizerConfig(method="adam"))
 
 
+def _sequence_name(source: str) -> str:
+    """A frame sequence named by its folder: `shots/take2/*.png` is take2."""
+    path = Path(source)
+    while path.name and is_glob(path.name):
+        path = path.parent
+    return path.name or "frames"
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "run"
 
@@ -153,6 +215,8 @@ def run_id(cfg: Config, label: dict | None = None) -> str:
             if key in PATH_KEYS and isinstance(value, (str, list)):  # file names, not paths
                 shown = "+".join(Path(v).stem if isinstance(v, str) else str(v)
                                  for v in (value if isinstance(value, list) else [value]))
+                if key == "content" and cfg.video is not None and clip_files(cfg) is not None:
+                    shown = _sequence_name(value)
             parts.append(f"{key.rpartition('.')[2]}-{shown}")
         words = "_".join(parts)
     else:

@@ -37,6 +37,12 @@ INIT_KINDS = ("content", "noise", "style")
 WEIGHT_KINDS = ("imagenet", "random")
 POOLINGS = ("avg", "max")
 METHODS = ("scipy", "lbfgs", "adam")  # optimizer.method: see pipeline/optimize/
+VIDEO_INITS = ("prev_warped", "prev", "content")  # video.init: frames after the first
+FLOW_METHODS = ("dis", "farneback")  # video.flow: see pipeline/video/flow.py
+# Read through ffmpeg as clips (pipeline/video/frames.py). Pillow reads a GIF too, as its first
+# frame: without a `video:` section a GIF stays the image it always was.
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".gif", ".mpg", ".mpeg",
+                    ".wmv", ".flv", ".ogv", ".ts", ".mts")
 PRECISIONS = ("float32", "bfloat16", "float16")  # model.precision: the network's compute dtype
 MAX_SIZE = 8192
 
@@ -103,6 +109,37 @@ class OptimizerConfig:
 
 
 @dataclass
+class FramesConfig:
+    """Which frames of the source a clip takes, as a Python slice takes them (0 is the first
+    frame; stop is not included; null: to the end)."""
+
+    start: int = 0
+    stop: int | None = None
+    step: int = 1
+
+
+@dataclass
+class VideoConfig:
+    """A `video:` section makes `content` a clip (Ruder, Dosovitskiy and Brox 2016): each frame
+    is stylised in order, from the previous one warped along the optical flow and held to it
+    where the flow is consistent. pipeline/video/ has the method and README "Video" the keys."""
+
+    frames: FramesConfig = field(default_factory=FramesConfig)
+    fps: float | None = None  # of result.mp4; None: the source's over frames.step (24 for images)
+    init: str = "prev_warped"  # frames after the first: prev_warped | prev | content
+    # Ruder's 1e3 on an MSE of his 0..256-scaled pixels, ours 0..255: 1e3 * (256/255)^2.
+    # pipeline/video/temporal.py has the derivation; configs/recipes/artistic-videos.yaml too.
+    temporal_weight: float = 1e3 * (256 / 255) ** 2
+    # Iterations of the first frame, which starts from `init` as an image does; later frames
+    # start from the previous one and take optimizer.iterations. None: 2 x optimizer.iterations
+    # (Ruder's 2000 and 1000).
+    first_iterations: int | None = None
+    flow: str = "dis"  # dis | farneback (OpenCV)
+    long_term: list[int] = field(default_factory=lambda: [1])  # [1, 2, 4]: Ruder's long-term
+    consistency: bool = True  # Ruder's forward-backward check weighs the temporal term
+
+
+@dataclass
 class Config:
     name: str = "stylize"
     output_dir: str = "outputs"
@@ -134,6 +171,7 @@ class Config:
     # off: always whole; N: cores of N px a side, a multiple of tile_stride(model).
     tile: str | int = "auto"
     sweep: dict[str, list] = field(default_factory=dict)
+    video: VideoConfig | None = None  # a clip: see VideoConfig
 
 
 # Keys whose values are file paths: relative ones are resolved against the file that set them.
@@ -142,7 +180,9 @@ PATH_KEYS = ("content", "style", "init", "model.weights", "output_dir", "style_m
 # Keys that change how a run is watched or stored, not the pixels it makes: left out of the hash.
 # `tile` computes the same objective in other pieces (tests/test_tile.py: to 1e-4), so a run
 # keeps its id however it is tiled, and `auto` may choose a core from the machine's memory.
-UNHASHED_KEYS = ("name", "output_dir", "checkpoint_every", "log_every", "sweep", "tile")
+# video.fps is result.mp4's playback rate: no frame changes with it (see video/clip.py).
+UNHASHED_KEYS = ("name", "output_dir", "checkpoint_every", "log_every", "sweep", "tile",
+                 "video.fps")
 TILE_MODES = ("off", "auto")  # and a core size in pixels
 
 
@@ -151,6 +191,13 @@ TILE_MODES = ("off", "auto")  # and a core size in pixels
 # L-BFGS pays little (its compact form is a few matrix products: 30 cost 1.01x of 10), and
 # 30 reached a 1.4% lower loss after 300 iterations than 10 (100: no better than 30).
 DEFAULT_HISTORY = {"scipy": 10, "lbfgs": 30}
+
+
+def first_iterations(video: VideoConfig, optimizer: OptimizerConfig) -> int:
+    """The first frame's iterations: video.first_iterations, or twice the later frames'."""
+    if video.first_iterations is not None:
+        return video.first_iterations
+    return 2 * optimizer.iterations
 
 
 def history(optimizer: OptimizerConfig) -> int:
@@ -210,13 +257,24 @@ def style_size(cfg: Config, size: int | None = None) -> int:
     return math.ceil(cfg.style_scale * (size or cfg.size))
 
 
+def section(hint) -> type | None:
+    """The dataclass a field's type names, or holds as `X | None` (an optional section such
+    as `video`); None for a leaf."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    inner = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+        return inner[0]
+    return None
+
+
 def dotted_keys(cls=Config, prefix="") -> dict[str, type]:
     """Every leaf key of the schema, dotted ('loss.style_weight'), with its type."""
     out = {}
     for f in dataclasses.fields(cls):
         hint = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
-            out.update(dotted_keys(hint, prefix + f.name + "."))
+        if section(hint) is not None:
+            out.update(dotted_keys(section(hint), prefix + f.name + "."))
         else:
             out[prefix + f.name] = hint
     return out

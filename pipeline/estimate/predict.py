@@ -118,6 +118,8 @@ class Estimate:
     # (method, peak bytes, core) of the other methods tile by tile, each at the largest core
     # that fits it (None: none does; the bytes are then at the smallest core)
     fitting_methods: tuple = ()
+    frames: int = 0  # a clip's frames (0: an image)
+    frame_seconds: float = 0.0  # a clip's frame after the first
 
     @property
     def fits(self) -> bool:
@@ -133,10 +135,12 @@ class Estimate:
                 chose = "tile: auto finds no core that fits; the smallest,"
             how = (f"{chose} a {self.tile} px core, {self.tiles} tiles (whole, the run would "
                    f"need {self.whole_bytes / GB:.2f} GB): ")
+        clip = (f"{_duration(self.frame_seconds)} per frame x {self.frames} frames, "
+                if self.frames else "")
         return (f"estimate: {self.width}x{self.height}: {how}peak memory "
                 f"{self.peak_bytes / GB:.2f} GB of {self.limit_bytes / GB:.1f} GB, "
-                f"{self.seconds_per_iteration:.3g} s/iteration, about {_duration(self.seconds)} "
-                f"in all ({self.device}){disk}{self.optimiser_note()}")
+                f"{self.seconds_per_iteration:.3g} s/iteration, {clip}about "
+                f"{_duration(self.seconds)} in all ({self.device}){disk}{self.optimiser_note()}")
 
     def comparison(self) -> str:
         """Whole against tile by tile, memory and time: what `estimate` prints beside the line."""
@@ -347,12 +351,14 @@ def _largest(size: int, fixed: float, growing: float, limit: float) -> int:
 
 
 def estimate(cfg: config.Config, run_id: str, cal: dict, limit: float,
-             read_size=images.read_size) -> Estimate:
+             read_size=images.read_size, clip=None) -> Estimate:
     """The run's estimate from a calibration and `limit`, the bytes it may use: whole, or tile
     by tile as `tile` says (auto: whole if that fits, else the largest core that fits). The
     content's and style images' sizes come from their headers (`read_size(path) -> (width,
-    height)`); images.ImageError when one cannot be read."""
-    content = read_size(cfg.content)
+    height)`); images.ImageError when one cannot be read. A clip (video.plan.Clip) is its
+    frames' size, and each frame one run: per frame x frames (the flow is a few percent more,
+    not counted)."""
+    content = read_size(cfg.content) if clip is None else clip.shape[::-1]
     styles = [read_size(path) for path in config.style_list(cfg.style)]
     model = _Model(cfg, cal, content, styles)
     h, w = model.shape()
@@ -399,10 +405,17 @@ def estimate(cfg: config.Config, run_id: str, cal: dict, limit: float,
                              + model.function_bytes * functions,
                              model.pixel_bytes * pixels + STYLE_PIXEL_BYTES * style_pixels, limit)
     disk = (state_bytes(model.method, model.history, pixels) if cfg.checkpoint_every else 0.0)
+    seconds, frames, frame_seconds = chosen.seconds, 0, 0.0
+    if clip is not None:
+        from pipeline.video import plan as clips
+
+        frames = clip.count
+        frame_seconds = cfg.optimizer.iterations * chosen.seconds_per_iteration
+        seconds = clips.total_iterations(cfg, clip.count) * chosen.seconds_per_iteration
     return Estimate(run_id, w, h, chosen.peak_bytes, chosen.seconds_per_iteration,
-                    chosen.seconds, limit, cal["device"], largest, disk, core, chosen.tiles,
+                    seconds, limit, cal["device"], largest, disk, core, chosen.tiles,
                     asked, whole.peak_bytes, whole.seconds_per_iteration, tiled, largest_tiled,
-                    model.method, tuple(others))
+                    model.method, tuple(others), frames, frame_seconds)
 
 
 def for_jobs(jobs, workers: int = 1, log=None, on_skip=None) -> dict[str, Estimate]:
@@ -426,8 +439,9 @@ def for_jobs(jobs, workers: int = 1, log=None, on_skip=None) -> dict[str, Estima
 
     calibrations: dict[str, tuple[dict, float]] = {}
     for job in jobs:
+        clip = getattr(job, "clip", None)  # checked when planned: its size is known
         try:
-            for path in (job.cfg.content, *config.style_list(job.cfg.style)):
+            for path in ([] if clip else [job.cfg.content]) + config.style_list(job.cfg.style):
                 read_size(path)
         except images.ImageError as e:
             if on_skip:
@@ -441,5 +455,5 @@ def for_jobs(jobs, workers: int = 1, log=None, on_skip=None) -> dict[str, Estima
             share = available_memory(cal) / max(1, math.ceil(workers / devices))
             calibrations[name] = cal, min(share, cap)
         cal, limit = calibrations[name]
-        out[job.run_id] = estimate(job.cfg, job.run_id, cal, limit, read_size)
+        out[job.run_id] = estimate(job.cfg, job.run_id, cal, limit, read_size, clip)
     return out

@@ -80,10 +80,13 @@ class Compiled:
     run: Callable  # (state, n) -> (count, state, rows, ok)
 
 
-def compile_method(method, objective, variables) -> Compiled:
-    """Compiling happens at the first call of each, not here."""
-    return Compiled(method, objective.terms, autodiff.value_and_grad(objective, variables),
-                    autodiff.compiled_loop(objective, variables, _program(method, objective.terms)))
+def compile_method(method, objective, variables, shared=None) -> Compiled:
+    """Compiling happens at the first call of each, not here; with `shared`
+    (autodiff.Shared), once for every objective of the same signature."""
+    key = (type(method).__name__, sorted(vars(method).items()))  # what shapes the program
+    return Compiled(method, objective.terms, autodiff.value_and_grad(objective, variables, shared),
+                    autodiff.compiled_loop(objective, variables,
+                                           _program(method, objective.terms), shared, repr(key)))
 
 
 def compile_host(method, vg) -> Compiled:

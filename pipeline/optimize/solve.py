@@ -38,13 +38,15 @@ def solve(
     done: tuple[int, int, float] = (0, 0, 0.0),
     state: dict | None = None,
     checkpoint_every: int = 0,
+    shared=None,
 ) -> Result:
     """Minimise `objective(x) -> (total, terms)` (losses.Objective, keras.ops) from x0 until
     `iterations` in all. An objective marked `on_host` is a value-and-gradient already, computed
     on the host (tile.TiledValueAndGrad): scipy calls it as it is, and a device method takes
     one step per call around it (device.compile_host). `done` and `state` continue an earlier
     part of the run: its counts, and the optimiser's state that its checkpoint kept
-    (Step.state), or None."""
+    (Step.state), or None. `shared` (autodiff.Shared): compiled functions a clip's frames
+    share (not the tiled objective's: it compiles per window frame)."""
     from pipeline import autodiff
 
     state = state or {}
@@ -54,13 +56,13 @@ def solve(
         if {"best_x", "best"} <= state.keys():  # the stage's best so far, kept by a checkpoint
             names = ("total", *objective.terms)
             best = state["best_x"], {k: float(v) for k, v in zip(names, state["best"])}
-        vg = objective if on_host else autodiff.value_and_grad(objective, variables)
+        vg = objective if on_host else autodiff.value_and_grad(objective, variables, shared)
         return minimize(vg, x0, iterations, history(opt), on_step, should_stop, done,
                         ftol=opt.ftol, gtol=opt.gtol, best=best)
     from pipeline.optimize import device  # compiled on the device, many iterations a call
 
     method = device_method(opt.method, history(opt))
     compiled = (device.compile_host(method, objective) if on_host else
-                device.compile_method(method, objective, variables))
+                device.compile_method(method, objective, variables, shared))
     return device.minimize(compiled, x0, iterations, on_step, should_stop, done, state or None,
                            checkpoint_every)

@@ -14,7 +14,6 @@ a selection asks for. Every bad input raises ClipError: one line naming the file
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 import shutil
@@ -26,11 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from pipeline import images
+from pipeline import config, images
 
 # Read through ffmpeg. Pillow reads GIFs too, but as one image (their first frame).
-VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".gif", ".mpg", ".mpeg",
-                    ".wmv", ".flv", ".ogv", ".ts", ".mts")
+VIDEO_EXTENSIONS = config.VIDEO_EXTENSIONS
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _EXIF_ORIENTATION = 0x0112  # values 5..8 turn the picture a quarter: width and height swap
 
@@ -76,12 +74,13 @@ def kind(source) -> str:
     return "image"
 
 
-def probe(source) -> ClipInfo:
+def probe(source, files: list[str] | None = None) -> ClipInfo:
     """Check a clip without decoding its pixels (a video's first frame aside) and describe it.
+    `files`: a frame sequence's files to check and take, in order (default: all it matches).
     Raises ClipError (an images.ImageError, so a ValueError) naming the file."""
     source = os.fspath(source)
     if kind(source) == "frames":
-        return _probe_frames(source)
+        return _probe_frames(source, files)
     return _probe_video(source)
 
 
@@ -117,21 +116,9 @@ def read_frames(info: ClipInfo, indices: range | None = None) -> Iterator[tuple[
 # --------------------------------------------------------------------------- frame sequences
 
 
-def _natural_key(path: str):
-    # frame9.png before frame10.png, as a numbered sequence means; zero-padded names sort the
-    # same either way.
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part)
-            for part in re.split(r"(\d+)", path)]
-
-
-def _sequence_files(source: str) -> list[str]:
-    pattern = os.path.join(source, "*") if os.path.isdir(source) else source
-    return sorted((f for f in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(f)),
-                  key=_natural_key)
-
-
-def _probe_frames(source: str) -> ClipInfo:
-    files = _sequence_files(source)
+def _probe_frames(source: str, files: list[str] | None = None) -> ClipInfo:
+    if files is None:
+        files = config.sequence_files(source)  # the order the run id hashes them in
     if not files:
         raise _error(source, "no frame files match")
     first = None
