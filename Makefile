@@ -56,8 +56,11 @@ endif
 
 setup: $(STAMP) ## create .venv and install everything; CUDA builds on NVIDIA machines (GPU=0/1)
 
-test: $(STAMP) ## run the test suite (no network, no GPU needed)
-	$(PY) -m pytest $(ARGS)
+# The suite's files on two processes (pytest-xdist; a file's tests stay in one, with its
+# module fixtures): most of a test's time is a subprocess starting or waiting, not arithmetic.
+TEST_WORKERS ?= 2
+test: $(STAMP) ## run the test suite (no network, no GPU needed; TEST_WORKERS=2)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 demo: $(STAMP) ## stylise the demo images into outputs/demo/ (WEIGHTS=random: offline check)
 	$(PY) -m pipeline run configs/demo.yaml $(DEMO_ARGS) $(ARGS)

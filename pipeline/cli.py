@@ -149,7 +149,8 @@ def _estimate(cfg: config.Config, workers: int) -> int:
         fits = ("fits" if one.fits else f"does NOT fit: largest size {largest}" if largest
                 else "does NOT fit at any size")
         print(f"{job.run_id}  {one.line().removeprefix('estimate: ')}  {fits}")
-        print(f"{' ' * len(job.run_id)}  {one.comparison()}")  # whole against tile by tile
+        if one.comparison():  # whole against tile by tile
+            print(f"{' ' * len(job.run_id)}  {one.comparison()}")
     return EXIT_OK
 
 

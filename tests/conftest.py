@@ -3,10 +3,10 @@
 
 The estimate runs as it does for users: every `run` in a test estimates its runs first. Its
 calibration is measured once per setup for the whole session, into a session folder
-(PIPELINE_CACHE_DIR), at small sizes (PIPELINE_CALIBRATION_SIZES: each calibration run costs
-mostly the framework's start-up, ~8 s on 2 cores, whatever the size). The estimate's accuracy
-tests calibrate at the real sizes (tests/test_estimate.py). A test that turns the estimate off
-says why, where it does."""
+(PIPELINE_CACHE_DIR) that the session's worker processes share, at small sizes
+(PIPELINE_CALIBRATION_SIZES: each calibration run costs mostly the framework's start-up, ~8 s
+on 2 cores, whatever the size). The estimate's accuracy tests calibrate at the real sizes
+(tests/test_estimate.py). A test that turns the estimate off says why, where it does."""
 
 import atexit
 import os
@@ -24,8 +24,15 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 os.environ["PIPELINE_OFFLINE"] = "1"
 os.environ.pop("PIPELINE_SKIP_ESTIMATE", None)  # the user's path, whatever the shell says
-os.environ["PIPELINE_CACHE_DIR"] = SESSION_CACHE = tempfile.mkdtemp(prefix="pipeline-cache-")
-atexit.register(shutil.rmtree, SESSION_CACHE, ignore_errors=True)
+# `make test` runs the files on two processes (pytest-xdist): the workers inherit the folder
+# the first process made, so each calibration is measured once (the cache's lock lets one
+# process measure while the other waits), and only that process removes it.
+SESSION_CACHE = os.environ.get("PIPELINE_TEST_SESSION_CACHE")
+if SESSION_CACHE is None:
+    SESSION_CACHE = tempfile.mkdtemp(prefix="pipeline-cache-")
+    os.environ["PIPELINE_TEST_SESSION_CACHE"] = SESSION_CACHE
+    atexit.register(shutil.rmtree, SESSION_CACHE, ignore_errors=True)
+os.environ["PIPELINE_CACHE_DIR"] = SESSION_CACHE
 os.environ["PIPELINE_CALIBRATION_SIZES"] = SMALL_CALIBRATION = "32,48"
 os.environ.setdefault("KERAS_HOME", tempfile.mkdtemp(prefix="keras-home-"))
 if shutil.which("nvidia-smi"):  # the test process and the runs it starts share one GPU

@@ -57,8 +57,9 @@ def test_run_writes_the_documented_files(tiny):
     # One trace line per iteration, in order, totals falling overall.
     rows = [json.loads(line) for line in (run / "trace.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == list(range(1, 13))
-    assert set(rows[0]) == {"iteration", "evaluations", "seconds", *TERMS, "stage", "size"}
-    assert {(r["stage"], r["size"]) for r in rows} == {(1, 32)}
+    assert set(rows[0]) == {"iteration", "evaluations", "seconds", *TERMS, "stage", "size",
+                            "tile"}
+    assert {(r["stage"], r["size"], r["tile"]) for r in rows} == {(1, 32, None)}  # whole
     assert rows[-1]["total"] < rows[0]["total"]
     # The resolved config records versions and can be run again as it is.
     saved = yaml.safe_load((run / "config.yaml").read_text())

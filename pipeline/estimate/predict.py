@@ -143,11 +143,12 @@ class Estimate:
                 f"{_duration(self.seconds)} in all ({self.device}){disk}{self.optimiser_note()}")
 
     def comparison(self) -> str:
-        """Whole against tile by tile, memory and time: what `estimate` prints beside the line."""
+        """Whole against tile by tile, memory and time: what `estimate` prints under the line;
+        "" where one window holds the whole image (nothing to compare)."""
+        if self.tiled is None:
+            return ""
         whole = (f"whole {self.whole_bytes / GB:.2f} GB, "
                  f"{self.whole_seconds_per_iteration:.3g} s/iteration")
-        if self.tiled is None:
-            return f"{whole}; tile by tile: one window holds the whole image"
         t = self.tiled
         return (f"{whole}; tile by tile (core {t.core} px, {t.tiles} tiles) "
                 f"{t.peak_bytes / GB:.2f} GB, {t.seconds_per_iteration:.3g} s/iteration")
