@@ -98,7 +98,8 @@ def _run(run: life.RunLife, on_step, should_stop, clip=None) -> Outcome:
     if run.cfg.video is not None:  # a clip: its frames in order, each a life of its own
         from pipeline.video import clip as clips
 
-        return clips.run(run, clip, on_step, should_stop, _environment, _inputs)
+        status, message = clips.run(run, clip, on_step, should_stop, _environment, _inputs)
+        return Outcome(run.run_id, status, run.folder, message)
 
     def record(step: optimize.Step) -> None:
         run.record(step)

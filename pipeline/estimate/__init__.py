@@ -29,8 +29,9 @@ temporary directory, with a warning (see calibration).
 Light on purpose: the deep-learning framework is imported only by the calibration's own
 subprocesses, so `estimate`, `run` and the parent of a worker pool stay quick.
 
-calibration.py measures a machine and caches the fit; predict.py turns a fit into each run's
-estimate; `python -m pipeline.estimate` is a calibration's measuring process.
+calibration.py measures a machine and caches the fit; figures.py applies a fit to one run,
+whole or tile by tile; predict.py turns it into each run's estimate; `python -m
+pipeline.estimate` is a calibration's measuring process.
 """
 
 from pipeline.estimate.calibration import (

@@ -186,11 +186,9 @@ class FrameFolder(runs.RunFolder):
 
 def run(run: life.RunLife, clip: plan.Clip | None, on_step, should_stop, environment, inputs):
     """Stylise every frame not done yet, in order, then assemble result.mp4. `environment()`
-    and `inputs(cfg)` are jobs.py's (provenance; the styles and masks). Returns a jobs.Outcome:
-    completed, interrupted (a stop: the same command resumes), or failed (the frames before
-    the failed one are kept)."""
-    from pipeline.jobs import Outcome
-
+    and `inputs(cfg)` are jobs.py's (provenance; the styles and masks). Returns the clip's
+    status and a message: completed, interrupted (a stop: the same command resumes), or failed
+    (the frames before the failed one are kept); jobs.run_one makes it the run's Outcome."""
     cfg, record = run.cfg, None
     try:
         run.folder.path.mkdir(parents=True, exist_ok=True)
@@ -223,8 +221,8 @@ def run(run: life.RunLife, clip: plan.Clip | None, on_step, should_stop, environ
                 run.fail(e)
         except OSError as again:
             log.error("%s: cannot record its failure: %s", run.run_id, again)
-        return Outcome(run.run_id, "failed", run.folder, message)
-    return Outcome(run.run_id, status, run.folder, message)
+        return "failed", message
+    return status, message
 
 
 def _frames(run, record: ClipRecord, clip: plan.Clip, loaded: dict, env: dict, compute,
