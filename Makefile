@@ -58,7 +58,7 @@ setup: $(STAMP) ## create .venv and install everything; CUDA builds on NVIDIA ma
 
 # The suite's files on two processes (pytest-xdist; a file's tests stay in one, with its
 # module fixtures): most of a test's time is a subprocess starting or waiting, not arithmetic.
-# On 2 idle cores: 507 s with 2, 528 s with 3 (and about 1000 s in one process).
+# On 2 idle cores: 507 s with 2 processes, 528 s with 3.
 TEST_WORKERS ?= 2
 test: $(STAMP) ## run the test suite (no network, no GPU needed; TEST_WORKERS=2)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
