@@ -22,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, write_image
+from conftest import ROOT, run_cli, write_image
 from PIL import Image
 from test_batch import metrics_of, table, trace_length, wait_for, write_sweep
+from test_video_run import write_clip, write_clip_config
 
-from pipeline import batch, cli, cluster, config, runs
+from pipeline import batch, cli, cluster, config, hardware, runs
 from pipeline.runs import RunFolder
 
 # Every Ray process of these tests, the head's and the drivers', on the loopback interface
@@ -230,6 +231,33 @@ def test_a_broken_image_fails_only_its_own_run(head, tmp_path):
     metrics = metrics_of(tmp_path / "out" / "photos")
     assert metrics[outcomes[1].run_id]["status"] == "failed"
     assert "b.png" in metrics[outcomes[1].run_id]["error"]
+
+
+def test_clips_on_ray_are_tasks_whose_frames_run_in_order(head, tmp_path):
+    """A sweep of two style weights over a 3-frame clip: each clip is one task, its frames in
+    order (the trace's frame column), each frame equal bit for bit to the same command run
+    locally with the task's one CPU thread (with two threads, float sums are taken in another
+    order: frames 2 and 3 then differ by a grey level or more, frame 1 does not), and the flows
+    computed once per experiment, as locally."""
+    clip = write_clip(tmp_path)
+    path = write_clip_config(tmp_path, "clips", clip, sweep={"loss.style_weight": [1e-3, 1.0]},
+                             optimizer={"iterations": 4}, video={"first_iterations": 4})
+    _, outcomes = on_ray(path, head)
+    assert [o.status for o in outcomes] == ["completed"] * 2
+    local = run_cli("run", path, "--set", f"output_dir={tmp_path / 'local'}",
+                    env=hardware.thread_caps(1, os.environ))
+    assert local.returncode == 0, local.stderr[-3000:]
+    for outcome in outcomes:
+        folder = tmp_path / "out" / "clips" / outcome.run_id
+        rows = [json.loads(line) for line in (folder / "trace.jsonl").read_text().splitlines()]
+        assert [r["frame"] for r in rows] == [1] * 4 + [2] * 4 + [3] * 4
+        assert (folder / "result.mp4").stat().st_size > 0
+        for n in (1, 2, 3):
+            name = f"frames/{n:06d}.png"
+            assert np.array_equal(pixels(folder / name),
+                                  pixels(tmp_path / "local" / "clips" / outcome.run_id / name))
+    assert len(list((tmp_path / "out" / "clips" / "flows").iterdir())) == len(
+        list((tmp_path / "local" / "clips" / "flows").iterdir())) > 0
 
 
 def test_sigterm_to_the_driver_interrupts_its_runs_and_the_same_command_finishes_them(
