@@ -90,6 +90,27 @@ def function(fn, variables) -> Callable:
     return lambda *args: run(values, *args)
 
 
+class _NoRetracingWarning:
+    """Drops TensorFlow's "N out of the last N calls to <function> triggered tf.function
+    retracing" warning, which counts traces across every function object made in a loop."""
+
+    def filter(self, record) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+def many_functions() -> None:
+    """Say that this process compiles many functions on purpose, each traced once (the tiled
+    objective: one per window frame, a few dozen at most), so that TensorFlow's warning about
+    functions made in a loop does not fill a run's log; other warnings stay. JAX has none."""
+    if _backend() != "tensorflow":
+        return
+    import logging
+
+    logger = logging.getLogger("tensorflow")
+    if not any(isinstance(f, _NoRetracingWarning) for f in logger.filters):
+        logger.addFilter(_NoRetracingWarning())
+
+
 def once(fn, variables) -> Callable:
     """`fn(*args) -> outputs` (no gradient) for a function called about once per shape (the
     targets): eagerly on TensorFlow, where a trace costs more than a run; compiled on JAX,

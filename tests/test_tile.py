@@ -584,3 +584,35 @@ def test_the_largest_size_named_tile_by_tile_fits_and_16_px_more_does_not(tmp_pa
     assert not at(4096).fits and 0 < largest < 4096, largest
     assert at(largest).fits and at(largest).tile
     assert not at(largest + 16).fits
+
+
+def test_the_many_window_functions_raise_no_retracing_warning():
+    """Each window frame is a compiled function of its own, traced once, by design; TensorFlow
+    counts traces across function objects and warned "N out of the last N calls to <function>
+    triggered tf.function retracing" every few frames (a 6-tile clip run printed it 4 times).
+    autodiff.many_functions drops that warning, and no other."""
+    import logging
+
+    cfg = config.Config(content="c.png", style=["a.png"])
+    cfg.model = dataclasses.replace(cfg.model, weights="random",
+                                    content_layers=["block1_conv2"], style_layers=["block1_conv1"])
+    extractor, names = model.feature_extractor(cfg.model, seed=0)[:2]
+    rng = np.random.default_rng(5)
+    content, style, x = (rng.uniform(0, 255, (60, 60, 3)).astype("float32") for _ in range(3))
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger, keep = logging.getLogger("tensorflow"), Keep(logging.WARNING)
+    logger.addHandler(keep)
+    try:
+        tiled = TiledValueAndGrad(extractor, names, cfg, content, [style], 12)
+        assert len({frames for _, frames in tiled.tiles}) == 9  # first, inner, last per axis
+        tiled(x)
+        logger.warning("another warning")  # still shown
+    finally:
+        logger.removeHandler(keep)
+    assert [m for m in seen if "retracing" in m] == []
+    assert "another warning" in seen

@@ -111,6 +111,7 @@ class TileNetwork:
     def cached(self, key, build):
         """A compiled function, made by build() the first time `key` is asked for."""
         if key not in self._compiled:
+            autodiff.many_functions()  # one per window frame, each traced once: by design
             self._compiled[key] = build()
         return self._compiled[key]
 
