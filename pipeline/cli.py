@@ -149,8 +149,9 @@ def _estimate(cfg: config.Config, workers: int) -> int:
         fits = ("fits" if one.fits else f"does NOT fit: largest size {largest}" if largest
                 else "does NOT fit at any size")
         print(f"{job.run_id}  {one.line().removeprefix('estimate: ')}  {fits}")
-        if one.comparison():  # whole against tile by tile
-            print(f"{' ' * len(job.run_id)}  {one.comparison()}")
+        compared = one.comparison()  # whole against tile by tile, where a tile cuts it
+        if compared:
+            print(f"{' ' * len(job.run_id)}  {compared}")
     return EXIT_OK
 
 

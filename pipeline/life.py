@@ -52,6 +52,11 @@ class RunLife:
     def completed(self) -> bool:
         return (self.folder.read_metrics() or {}).get("status") == "completed"
 
+    def names(self) -> dict:
+        """What names the run at the head of its metrics.json (a clip's too), while it runs."""
+        return {"status": "running", "run_id": self.run_id, "config_hash": self.digest,
+                "swept": self.label}
+
     def start(self, environment: dict) -> scales.Start:
         """Create or take over the folder; returns where the run starts (from the beginning,
         or where its checkpoint says). `environment` goes into config.yaml's provenance."""
@@ -66,10 +71,7 @@ class RunLife:
         start = scales.start_of(self.stages, resume)
         done = start.done
         self.metrics = {
-            "status": "running",
-            "run_id": self.run_id,
-            "config_hash": self.digest,
-            "swept": self.label,
+            **self.names(),
             "iterations": done[0],
             "evaluations": done[1],
             "seconds": round(done[2], 3),

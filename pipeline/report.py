@@ -43,13 +43,29 @@ def write_report(exp: Path) -> list[Path]:
 # --------------------------------------------------------------------------- loss curves
 
 
-def plot_losses(folder: runs.RunFolder, trace: list[dict], title: str) -> Path:
+def _pyplot():
+    """matplotlib's pyplot, drawing into files only (no display)."""
     import matplotlib
 
-    matplotlib.use("Agg")  # files only, no display
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    """The figure as a PNG at `path`, written atomically, and closed."""
+    plt = _pyplot()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    images.atomic_write(path, buffer.getvalue())
+    return path
+
+
+def plot_losses(folder: runs.RunFolder, trace: list[dict], title: str) -> Path:
+    fig, ax = _pyplot().subplots(figsize=(5, 3.2), dpi=100)
     clip = "frame" in trace[0]  # each frame numbers its own iterations: the clip's in a row
     steps = list(range(1, len(trace) + 1)) if clip else [row["iteration"] for row in trace]
     for term in ("total", "content", "style", "tv", "temporal"):
@@ -62,13 +78,7 @@ def plot_losses(folder: runs.RunFolder, trace: list[dict], title: str) -> Path:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    path = folder.path / "loss.png"
-    images.atomic_write(path, buffer.getvalue())
-    return path
+    return _save(fig, folder.path / "loss.png")
 
 
 def plot_flicker(folder: runs.RunFolder, title: str) -> Path | None:
@@ -78,13 +88,9 @@ def plot_flicker(folder: runs.RunFolder, title: str) -> Path | None:
               if f.get("warping_error") is not None]
     if not frames:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(5, 2.6), dpi=100)
+    fig, ax = _pyplot().subplots(figsize=(5, 2.6), dpi=100)
     ax.plot([f["frame"] for f in frames], [f["warping_error"] for f in frames], marker=".")
     ax.set_ylim(bottom=0)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -92,13 +98,7 @@ def plot_flicker(folder: runs.RunFolder, title: str) -> Path | None:
     ax.set_ylabel("warping error (grey levels)")
     ax.set_title(f"{title}: flicker", fontsize=9)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    path = folder.path / "flicker.png"
-    images.atomic_write(path, buffer.getvalue())
-    return path
+    return _save(fig, folder.path / "flicker.png")
 
 
 def _frames_done(row: dict) -> list[Path]:

@@ -55,10 +55,7 @@ class ClipRecord:
         self.entries: dict[int, dict] = {e["frame"]: e for e in kept or []}
         info = clip.info
         self.metrics = {
-            "status": "running",
-            "run_id": run.run_id,
-            "config_hash": run.digest,
-            "swept": run.label,
+            **run.names(),
             "frames_done": 0,
             "frames_total": clip.count,
             "clip": {"source": info.source, "source_frames": info.count,
